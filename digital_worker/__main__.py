@@ -1,0 +1,3 @@
+from digital_worker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""The launch contract between the operator and the SGLang launcher: one place, so they never drift.
+
+The operator renders a `LaunchConfig` as JSON into the runtime ConfigMap; the launcher inside the
+pod reads it back and turns it into SGLang's argv with `build_argv`. The operator validates
+`spec.runtime.extraArgs` against `ALLOWED_EXTRA_ARGS` from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# The SGLang release this contract targets; the argv is checked against its real argument parser.
+SGLANG_VERSION = "0.5.23"
+DEFAULT_IMAGE = f"lmsysorg/sglang:v{SGLANG_VERSION}"
+DEFAULT_PORT = 30000
+CONFIG_PATH = "/etc/digital-worker/runtime.json"
+MODEL_CACHE_DIR = "/models"
+# The launcher reads the API key from this env var (populated from a Secret) or from a file.
+API_KEY_ENV = "DIGITAL_WORKER_API_KEY"
+
+# Extra SGLang flags a DigitalWorker may pass through. Value: whether the flag takes a value.
+# Anything not here is rejected by the operator and the launcher alike: flags that change what
+# the operator manages (ports, model path, parallelism, API key) are deliberately absent.
+ALLOWED_EXTRA_ARGS: dict[str, bool] = {
+    "--chunked-prefill-size": True,
+    "--max-prefill-tokens": True,
+    "--max-total-tokens": True,
+    "--schedule-policy": True,
+    "--schedule-conservativeness": True,
+    "--cuda-graph-max-bs": True,
+    "--disable-cuda-graph": False,
+    "--disable-radix-cache": False,
+    "--enable-torch-compile": False,
+    "--torch-compile-max-bs": True,
+    "--attention-backend": True,
+    "--sampling-backend": True,
+    "--grammar-backend": True,
+    "--reasoning-parser": True,
+    "--tool-call-parser": True,
+    "--chat-template": True,
+    "--trust-remote-code": False,
+    "--speculative-algorithm": True,
+    "--speculative-num-steps": True,
+    "--speculative-eagle-topk": True,
+    "--speculative-num-draft-tokens": True,
+    "--speculative-draft-model-path": True,
+    "--enable-mixed-chunk": False,
+    "--enable-dp-attention": False,
+    "--stream-interval": True,
+    "--watchdog-timeout": True,
+}
+
+
+def check_extra_args(args: list[str]) -> list[str]:
+    """Return a list of problems with `args` (empty when they are all allowed and well-formed)."""
+    problems: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, has_inline_value = (arg.split("=", 1)[0], True) if "=" in arg else (arg, False)
+        if flag not in ALLOWED_EXTRA_ARGS:
+            problems.append(f"extra arg {flag!r} is not allowed")
+            i += 1
+            continue
+        takes_value = ALLOWED_EXTRA_ARGS[flag]
+        if takes_value and not has_inline_value:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                problems.append(f"extra arg {flag!r} needs a value")
+                i += 1
+                continue
+            i += 2
+            continue
+        if not takes_value and has_inline_value:
+            problems.append(f"extra arg {flag!r} takes no value")
+        i += 1
+    return problems
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What one SGLang replica is started with. Secrets are never part of it (only where to find them)."""
+
+    model_path: str
+    served_model_name: str
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    mem_fraction_static: float | None = None
+    max_running_requests: int | None = None
+    context_length: int | None = None
+    quantization: str | None = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    chunked_prefill_size: int | None = None
+    enable_metrics: bool = True
+    log_level: str = "info"
+    revision: str | None = None
+    # Where the launcher finds the API key: an env var name and/or a file path (from a Secret).
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    # Where the model comes from (hf://, s3://, pvc://) and where it is cached in the pod.
+    model_source: str | None = None
+    model_cache_dir: str = MODEL_CACHE_DIR
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["extra_args"] = list(self.extra_args)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LaunchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown launch config field(s): {', '.join(unknown)}")
+        values = dict(data)
+        values["extra_args"] = tuple(values.get("extra_args") or ())
+        return cls(**values)
+
+
+def build_argv(config: LaunchConfig, python: str = "python3") -> list[str]:
+    """SGLang's argv for `config`. The API key is never put here: the launcher hands it over out of band."""
+    problems = check_extra_args(list(config.extra_args))
+    if problems:
+        raise ValueError("; ".join(problems))
+    argv = [
+        python, "-m", "sglang.launch_server",
+        "--model-path", config.model_path,
+        "--served-model-name", config.served_model_name,
+        "--host", config.host,
+        "--port", str(config.port),
+        "--tp-size", str(config.tensor_parallel_size),
+        "--dp-size", str(config.data_parallel_size),
+        "--dtype", config.dtype,
+        "--kv-cache-dtype", config.kv_cache_dtype,
+        "--log-level", config.log_level,
+    ]
+    if config.mem_fraction_static is not None:
+        argv += ["--mem-fraction-static", str(config.mem_fraction_static)]
+    if config.max_running_requests is not None:
+        argv += ["--max-running-requests", str(config.max_running_requests)]
+    if config.context_length is not None:
+        argv += ["--context-length", str(config.context_length)]
+    if config.quantization:
+        argv += ["--quantization", config.quantization]
+    if config.chunked_prefill_size is not None:
+        argv += ["--chunked-prefill-size", str(config.chunked_prefill_size)]
+    if config.revision:
+        argv += ["--revision", config.revision]
+    if config.enable_metrics:
+        argv.append("--enable-metrics")
+    argv += list(config.extra_args)
+    return argv
