@@ -1,0 +1,595 @@
+"""Rollout analysis: is the new revision as good as the old one, by the numbers that matter for LLMs?
+
+Shaped like Argo Rollouts' `analysis/analysis.go`, written for SGLang: checks on error rate,
+time to first token, inter-token latency, end-to-end latency, queue length and KV usage, both
+absolute (`maxTTFTP95Seconds: 2`) and relative to the stable revision over the same window
+(`maxTTFTP95Ratio: 1.2`: canary p95 at most 1.2 x stable p95).
+
+Everything here is pure except `measure_run` at the bottom:
+- `judge_absolute` / `judge_relative` give one check's verdict,
+- `judge_run` gives one analysis run's verdict from all checks,
+- `evaluate(state, measurements, now, spec) -> (AnalysisResult, new_state)` folds a run into the
+  `AnalysisState` (kept in `status.rollout.analysis`, so it survives an operator restart) and decides
+  continue / pass / abort / pause.
+
+Missing evidence is never a pass: fewer than `minRequests` finished requests in the window, NaN,
+an empty result or a provider error make a check Inconclusive; `inconclusiveLimit` consecutive
+Inconclusive runs pause the rollout for a human, `failureLimit` consecutive Failed runs abort it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from typing import Any, Mapping
+
+from digital_worker.operator.metric_providers import (
+    E2E_P95,
+    ERROR_RATE,
+    HTTP_ERROR_RATE,
+    ITL_P95,
+    KV_USAGE,
+    QUEUE_LENGTH,
+    REQUEST_COUNT,
+    TTFT_P95,
+    HttpErrorSource,
+    LabelMatchers,
+    Measurement,
+    MetricProvider,
+    MetricQuery,
+    revision_queries,
+)
+
+
+class Verdict(str, Enum):
+    SUCCESSFUL = "Successful"
+    FAILED = "Failed"
+    INCONCLUSIVE = "Inconclusive"
+
+
+class Action(str, Enum):
+    CONTINUE = "Continue"  # keep measuring
+    PASS = "Pass"  # enough successful runs: the step may proceed
+    ABORT = "Abort"  # failureLimit consecutive failures: roll back
+    PAUSE = "Pause"  # inconclusiveLimit consecutive inconclusive runs: wait for a human
+
+
+class Phase(str, Enum):
+    RUNNING = "Running"
+    SUCCESSFUL = "Successful"
+    FAILED = "Failed"
+    PAUSED = "Paused"
+
+
+# Reasons (for status conditions and Events).
+REASON_PASSED = "AnalysisPassed"
+REASON_FAILED = "AnalysisFailed"
+REASON_INCONCLUSIVE = "AnalysisInconclusive"
+REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"
+
+# Relative checks divide by the stable value; these floors keep a near-zero baseline from turning
+# one stray error or a sub-millisecond latency into an infinite ratio.
+ERROR_RATE_BASELINE_FLOOR = 0.001
+LATENCY_BASELINE_FLOOR_SECONDS = 0.001
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """`spec.rollout.analysis`, with defaults for what is not given. None disables a check."""
+
+    max_error_rate: float | None = 0.02
+    max_http_error_rate: float | None = None
+    max_ttft_p95_seconds: float | None = None
+    max_itl_p95_seconds: float | None = None
+    max_e2e_p95_seconds: float | None = None
+    max_queue_length: float | None = None
+    max_kv_usage: float | None = None
+    max_ttft_p95_ratio: float | None = 1.5
+    max_itl_p95_ratio: float | None = 1.5
+    max_e2e_p95_ratio: float | None = None
+    max_error_rate_ratio: float | None = None
+    min_requests: int = 20
+    window_seconds: float = 60.0
+    interval_seconds: float = 30.0
+    # Delay before the first run, so the window holds the new revision's traffic; None: one interval.
+    initial_delay_seconds: float | None = None
+    failure_limit: int = 1
+    inconclusive_limit: int = 2
+    successful_runs: int = 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "AnalysisSpec":
+        """Parse camelCase keys; raise ValueError naming the first bad field."""
+        data = dict(data or {})
+        values: dict[str, Any] = {}
+        for key, raw in data.items():
+            attribute = _SPEC_KEYS.get(key)
+            if attribute is None:
+                raise ValueError(f"analysis.{key}: unknown field (known: {', '.join(sorted(_SPEC_KEYS))})")
+            values[attribute] = _parse_spec_value(key, attribute, raw)
+        spec = cls(**values)
+        if spec.window_seconds < 1:
+            raise ValueError("analysis.windowSeconds: must be at least 1")
+        if spec.interval_seconds < 1:
+            raise ValueError("analysis.intervalSeconds: must be at least 1")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, attribute) for key, attribute in _SPEC_KEYS.items()}
+
+    def first_run_delay(self) -> float:
+        return self.interval_seconds if self.initial_delay_seconds is None else self.initial_delay_seconds
+
+    def checks(self) -> tuple["CheckDefinition", ...]:
+        """The enabled checks, absolute first, in a fixed order."""
+        definitions = []
+        for key, metric in _ABSOLUTE_CHECKS:
+            threshold = getattr(self, _SPEC_KEYS[key])
+            if threshold is not None:
+                definitions.append(CheckDefinition(key, metric, threshold, relative=False))
+        for key, metric in _RELATIVE_CHECKS:
+            threshold = getattr(self, _SPEC_KEYS[key])
+            if threshold is not None:
+                definitions.append(CheckDefinition(key, metric, threshold, relative=True))
+        return tuple(definitions)
+
+    def needs_stable(self) -> bool:
+        return any(check.relative for check in self.checks())
+
+
+_SPEC_KEYS: dict[str, str] = {
+    "maxErrorRate": "max_error_rate",
+    "maxHTTPErrorRate": "max_http_error_rate",
+    "maxTTFTP95Seconds": "max_ttft_p95_seconds",
+    "maxITLP95Seconds": "max_itl_p95_seconds",
+    "maxE2EP95Seconds": "max_e2e_p95_seconds",
+    "maxQueueLength": "max_queue_length",
+    "maxKVUsage": "max_kv_usage",
+    "maxTTFTP95Ratio": "max_ttft_p95_ratio",
+    "maxITLP95Ratio": "max_itl_p95_ratio",
+    "maxE2EP95Ratio": "max_e2e_p95_ratio",
+    "maxErrorRateRatio": "max_error_rate_ratio",
+    "minRequests": "min_requests",
+    "windowSeconds": "window_seconds",
+    "intervalSeconds": "interval_seconds",
+    "initialDelaySeconds": "initial_delay_seconds",
+    "failureLimit": "failure_limit",
+    "inconclusiveLimit": "inconclusive_limit",
+    "successfulRuns": "successful_runs",
+}
+_INTEGER_KEYS = {"minRequests", "failureLimit", "inconclusiveLimit", "successfulRuns"}
+_AT_LEAST_ONE_KEYS = {"failureLimit", "inconclusiveLimit", "successfulRuns"}
+_NOT_NULLABLE_KEYS = _INTEGER_KEYS | {"windowSeconds", "intervalSeconds"}
+
+_ABSOLUTE_CHECKS = (
+    ("maxErrorRate", ERROR_RATE),
+    ("maxHTTPErrorRate", HTTP_ERROR_RATE),
+    ("maxTTFTP95Seconds", TTFT_P95),
+    ("maxITLP95Seconds", ITL_P95),
+    ("maxE2EP95Seconds", E2E_P95),
+    ("maxQueueLength", QUEUE_LENGTH),
+    ("maxKVUsage", KV_USAGE),
+)
+_RELATIVE_CHECKS = (
+    ("maxTTFTP95Ratio", TTFT_P95),
+    ("maxITLP95Ratio", ITL_P95),
+    ("maxE2EP95Ratio", E2E_P95),
+    ("maxErrorRateRatio", ERROR_RATE),
+)
+
+
+def _parse_spec_value(key: str, attribute: str, raw: Any) -> Any:
+    if raw is None:
+        if key in _NOT_NULLABLE_KEYS:
+            raise ValueError(f"analysis.{key}: must not be null")
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise ValueError(f"analysis.{key}: must be a number, got {raw!r}")
+    if raw < 0:
+        raise ValueError(f"analysis.{key}: must not be negative, got {raw!r}")
+    if key in _INTEGER_KEYS:
+        if raw != int(raw):
+            raise ValueError(f"analysis.{key}: must be a whole number, got {raw!r}")
+        raw = int(raw)
+        if key in _AT_LEAST_ONE_KEYS and raw < 1:
+            raise ValueError(f"analysis.{key}: must be at least 1, got {raw!r}")
+        return raw
+    if key.endswith("Ratio") and raw <= 0:
+        raise ValueError(f"analysis.{key}: must be greater than 0, got {raw!r}")
+    return float(raw)
+
+
+@dataclass(frozen=True)
+class CheckDefinition:
+    key: str  # the spec key, e.g. "maxTTFTP95Ratio"; also the check's name in status
+    metric: str  # measurement name, e.g. "ttft_p95"
+    threshold: float
+    relative: bool
+
+
+# ---------------------------------------------------------------- verdicts (pure)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    metric: str
+    verdict: Verdict
+    threshold: float
+    value: float | None = None
+    # Relative checks: the stable revision's value over the same window.
+    baseline: float | None = None
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "verdict": self.verdict.value,
+            "threshold": self.threshold,
+            "value": _finite_or_none(self.value),
+            "baseline": _finite_or_none(self.baseline),
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CheckResult":
+        return cls(
+            name=str(data.get("name", "")),
+            metric=str(data.get("metric", "")),
+            verdict=_enum_or(Verdict, data.get("verdict"), Verdict.INCONCLUSIVE),
+            threshold=float(data.get("threshold") or 0.0),
+            value=_float_or_none(data.get("value")),
+            baseline=_float_or_none(data.get("baseline")),
+            message=str(data.get("message", "")),
+        )
+
+
+MeasurementLike = Measurement | float | int | None
+
+
+def _as_value(measurement: MeasurementLike) -> tuple[float | None, str | None]:
+    """(value, why it is unusable) for a Measurement or a bare number."""
+    if measurement is None:
+        return None, "not measured"
+    if isinstance(measurement, Measurement):
+        if measurement.error is not None:
+            return None, f"metrics unavailable: {measurement.error}"
+        if measurement.value is None:
+            return None, "no data" if measurement.series_count == 0 else "no number (NaN)"
+        value = measurement.value
+    else:
+        value = float(measurement)
+    if not math.isfinite(value):
+        return None, "no number (NaN)"
+    return value, None
+
+
+def judge_absolute(definition: CheckDefinition, measurement: MeasurementLike) -> CheckResult:
+    """value <= threshold: Successful; above: Failed; no usable value: Inconclusive."""
+    value, problem = _as_value(measurement)
+    if problem is not None:
+        return CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE, definition.threshold,
+                           message=f"{definition.metric}: {problem}")
+    verdict = Verdict.SUCCESSFUL if value <= definition.threshold else Verdict.FAILED
+    relation = "<=" if verdict is Verdict.SUCCESSFUL else ">"
+    return CheckResult(definition.key, definition.metric, verdict, definition.threshold, value,
+                       message=f"{definition.metric} {_fmt(value)} {relation} {_fmt(definition.threshold)}")
+
+
+def judge_relative(
+    definition: CheckDefinition, canary: MeasurementLike, stable: MeasurementLike
+) -> CheckResult:
+    """canary <= ratio x max(stable, floor): Successful; above: Failed; either missing: Inconclusive."""
+    canary_value, canary_problem = _as_value(canary)
+    stable_value, stable_problem = _as_value(stable)
+    if canary_problem or stable_problem:
+        problem = f"canary {canary_problem}" if canary_problem else f"stable {stable_problem}"
+        return CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE, definition.threshold,
+                           canary_value, stable_value, f"{definition.metric}: {problem}")
+    floor = ERROR_RATE_BASELINE_FLOOR if definition.metric == ERROR_RATE else LATENCY_BASELINE_FLOOR_SECONDS
+    baseline = max(stable_value, floor)
+    ratio = canary_value / baseline
+    verdict = Verdict.SUCCESSFUL if ratio <= definition.threshold else Verdict.FAILED
+    relation = "<=" if verdict is Verdict.SUCCESSFUL else ">"
+    return CheckResult(
+        definition.key, definition.metric, verdict, definition.threshold, canary_value, stable_value,
+        f"{definition.metric} canary {_fmt(canary_value)} / stable {_fmt(stable_value)} = "
+        f"{ratio:.2f}x {relation} {_fmt(definition.threshold)}x",
+    )
+
+
+@dataclass(frozen=True)
+class RunMeasurements:
+    """One run's numbers: measurement name -> Measurement (or a bare number) per revision."""
+
+    canary: Mapping[str, MeasurementLike]
+    stable: Mapping[str, MeasurementLike] | None = None
+
+    def provider_errors(self) -> list[str]:
+        errors = []
+        for revision, values in (("canary", self.canary), ("stable", self.stable or {})):
+            for name, measurement in values.items():
+                if isinstance(measurement, Measurement) and measurement.error is not None:
+                    errors.append(f"{revision} {name}: {measurement.error}")
+        return errors
+
+
+@dataclass(frozen=True)
+class RunResult:
+    verdict: Verdict
+    checks: tuple[CheckResult, ...]
+    message: str
+    # Some measurement came back with a provider error (e.g. Prometheus unreachable).
+    metrics_unavailable: bool = False
+
+
+def _traffic_gate(spec: AnalysisSpec, measurements: Mapping[str, MeasurementLike] | None) -> str | None:
+    """Why a revision's numbers cannot be trusted yet (too few requests), or None."""
+    if spec.min_requests <= 0:
+        return None
+    value, problem = _as_value((measurements or {}).get(REQUEST_COUNT))
+    if problem is not None:
+        return f"request count: {problem}"
+    if value < spec.min_requests:
+        return f"{value:.0f} requests in the window < minRequests {spec.min_requests}"
+    return None
+
+
+def judge_run(spec: AnalysisSpec, measurements: RunMeasurements) -> RunResult:
+    """All checks of one run. Any Failed -> Failed; else any Inconclusive (or no checks) ->
+    Inconclusive; else Successful. Too few canary requests make every check Inconclusive."""
+    definitions = spec.checks()
+    errors = measurements.provider_errors()
+    canary_gate = _traffic_gate(spec, measurements.canary)
+    stable_gate = _traffic_gate(spec, measurements.stable) if spec.needs_stable() else None
+    results = []
+    for definition in definitions:
+        if canary_gate is not None:
+            results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
+                                       definition.threshold, message=f"canary: {canary_gate}"))
+        elif not definition.relative:
+            results.append(judge_absolute(definition, measurements.canary.get(definition.metric)))
+        elif stable_gate is not None:
+            results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
+                                       definition.threshold, message=f"stable: {stable_gate}"))
+        else:
+            stable = (measurements.stable or {}).get(definition.metric)
+            results.append(judge_relative(definition, measurements.canary.get(definition.metric), stable))
+    checks = tuple(results)
+    failed = [check for check in checks if check.verdict is Verdict.FAILED]
+    inconclusive = [check for check in checks if check.verdict is Verdict.INCONCLUSIVE]
+    if failed:
+        return RunResult(Verdict.FAILED, checks, "; ".join(check.message for check in failed), bool(errors))
+    if not checks:
+        return RunResult(Verdict.INCONCLUSIVE, checks, "no analysis checks are enabled", bool(errors))
+    if inconclusive:
+        if errors:
+            message = "metrics unavailable: " + errors[0]
+        elif canary_gate is not None:
+            message = f"canary: {canary_gate}"
+        else:
+            message = "; ".join(check.message for check in inconclusive)
+        return RunResult(Verdict.INCONCLUSIVE, checks, message, bool(errors))
+    return RunResult(Verdict.SUCCESSFUL, checks, "all checks passed", bool(errors))
+
+
+# ---------------------------------------------------------------- state and decisions (pure)
+
+
+@dataclass(frozen=True)
+class AnalysisState:
+    """What `status.rollout.analysis` keeps between runs (and across operator restarts)."""
+
+    phase: Phase = Phase.RUNNING
+    started_at: float = 0.0
+    last_run_at: float | None = None
+    runs: int = 0
+    successful_runs: int = 0
+    consecutive_failures: int = 0
+    consecutive_inconclusive: int = 0
+    last_verdict: Verdict | None = None
+    checks: tuple[CheckResult, ...] = field(default_factory=tuple)
+    reason: str = ""
+    message: str = ""
+
+    @classmethod
+    def start(cls, now: float) -> "AnalysisState":
+        return cls(started_at=now)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.SUCCESSFUL, Phase.FAILED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "startedAt": self.started_at,
+            "lastRunAt": self.last_run_at,
+            "runs": self.runs,
+            "successfulRuns": self.successful_runs,
+            "consecutiveFailures": self.consecutive_failures,
+            "consecutiveInconclusive": self.consecutive_inconclusive,
+            "lastVerdict": self.last_verdict.value if self.last_verdict else None,
+            "checks": [check.to_dict() for check in self.checks],
+            "reason": self.reason,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "AnalysisState":
+        """Tolerant of missing keys (an older operator's status, a hand-edited object)."""
+        data = data or {}
+        verdict = data.get("lastVerdict")
+        return cls(
+            phase=_enum_or(Phase, data.get("phase"), Phase.RUNNING),
+            started_at=float(data.get("startedAt") or 0.0),
+            last_run_at=_float_or_none(data.get("lastRunAt")),
+            runs=int(data.get("runs") or 0),
+            successful_runs=int(data.get("successfulRuns") or 0),
+            consecutive_failures=int(data.get("consecutiveFailures") or 0),
+            consecutive_inconclusive=int(data.get("consecutiveInconclusive") or 0),
+            last_verdict=_enum_or(Verdict, verdict, None) if verdict else None,
+            checks=tuple(CheckResult.from_dict(item) for item in data.get("checks") or ()),
+            reason=str(data.get("reason") or ""),
+            message=str(data.get("message") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    action: Action
+    verdict: Verdict | None
+    checks: tuple[CheckResult, ...]
+    reason: str
+    message: str
+    next_run_at: float | None
+
+
+def next_run_at(state: AnalysisState, spec: AnalysisSpec) -> float | None:
+    """When the next run is due (None once the analysis is finished or paused)."""
+    if state.phase is not Phase.RUNNING:
+        return None
+    if state.last_run_at is None:
+        return state.started_at + spec.first_run_delay()
+    return state.last_run_at + spec.interval_seconds
+
+
+def is_due(state: AnalysisState, spec: AnalysisSpec, now: float) -> bool:
+    due = next_run_at(state, spec)
+    return due is not None and now >= due
+
+
+def evaluate(
+    state: AnalysisState, measurements: RunMeasurements, now: float, spec: AnalysisSpec
+) -> tuple[AnalysisResult, AnalysisState]:
+    """Fold one run into the state and decide. Finished or paused analyses are left as they are
+    (so a replayed reconcile after a restart cannot flip a decision)."""
+    if state.phase is not Phase.RUNNING:
+        return _settled_result(state, spec), state
+
+    run = judge_run(spec, measurements)
+    successful_runs = state.successful_runs
+    consecutive_failures = state.consecutive_failures
+    consecutive_inconclusive = state.consecutive_inconclusive
+    if run.verdict is Verdict.SUCCESSFUL:
+        successful_runs += 1
+        consecutive_failures = 0
+        consecutive_inconclusive = 0
+    elif run.verdict is Verdict.FAILED:
+        consecutive_failures += 1
+        consecutive_inconclusive = 0
+    else:
+        # Inconclusive is no evidence of recovery: it leaves the failure streak as it is.
+        consecutive_inconclusive += 1
+
+    if consecutive_failures >= spec.failure_limit:
+        phase, action, reason = Phase.FAILED, Action.ABORT, REASON_FAILED
+        message = f"{consecutive_failures} consecutive failed run(s): {run.message}"
+    elif consecutive_inconclusive >= spec.inconclusive_limit:
+        phase, action = Phase.PAUSED, Action.PAUSE
+        reason = REASON_METRICS_UNAVAILABLE if run.metrics_unavailable else REASON_INCONCLUSIVE
+        message = f"{consecutive_inconclusive} consecutive inconclusive run(s): {run.message}"
+    elif successful_runs >= spec.successful_runs:
+        phase, action, reason = Phase.SUCCESSFUL, Action.PASS, REASON_PASSED
+        message = f"{successful_runs} successful run(s): {run.message}"
+    else:
+        phase, action, reason, message = Phase.RUNNING, Action.CONTINUE, "", run.message
+
+    new_state = replace(
+        state,
+        phase=phase,
+        last_run_at=now,
+        runs=state.runs + 1,
+        successful_runs=successful_runs,
+        consecutive_failures=consecutive_failures,
+        consecutive_inconclusive=consecutive_inconclusive,
+        last_verdict=run.verdict,
+        checks=run.checks,
+        reason=reason,
+        message=message,
+    )
+    return AnalysisResult(action, run.verdict, run.checks, reason, message, next_run_at(new_state, spec)), new_state
+
+
+def resume(state: AnalysisState, now: float) -> AnalysisState:
+    """A human resumed a paused analysis: fresh inconclusive count; the next run comes one
+    initial delay after `now`, so its window holds data gathered after the resume."""
+    if state.phase is not Phase.PAUSED:
+        return state
+    return replace(state, phase=Phase.RUNNING, started_at=now, last_run_at=None,
+                   consecutive_inconclusive=0, reason="", message="")
+
+
+def _settled_result(state: AnalysisState, spec: AnalysisSpec) -> AnalysisResult:
+    action = {Phase.SUCCESSFUL: Action.PASS, Phase.FAILED: Action.ABORT, Phase.PAUSED: Action.PAUSE}[state.phase]
+    return AnalysisResult(action, state.last_verdict, state.checks, state.reason, state.message,
+                          next_run_at(state, spec))
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _enum_or(enum: type[Enum], value: Any, default: Any) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        return default
+
+
+# ---------------------------------------------------------------- client side
+
+
+def run_queries(
+    spec: AnalysisSpec,
+    canary_matchers: LabelMatchers,
+    stable_matchers: LabelMatchers | None,
+    http_errors: HttpErrorSource | None = None,
+) -> tuple[dict[str, MetricQuery], dict[str, MetricQuery]]:
+    """Only the queries the enabled checks need: (canary queries, stable queries)."""
+    needed_canary = {REQUEST_COUNT} | {check.metric for check in spec.checks()}
+    needed_stable = {REQUEST_COUNT} | {check.metric for check in spec.checks() if check.relative}
+    if spec.max_http_error_rate is not None and http_errors is None:
+        http_errors = HttpErrorSource()
+    canary_all = revision_queries(canary_matchers, spec.window_seconds, http_errors)
+    canary = {name: query for name, query in canary_all.items() if name in needed_canary}
+    stable: dict[str, MetricQuery] = {}
+    if spec.needs_stable() and stable_matchers is not None:
+        stable_all = revision_queries(stable_matchers, spec.window_seconds, http_errors)
+        stable = {name: query for name, query in stable_all.items() if name in needed_stable}
+    return canary, stable
+
+
+def measure_run(
+    provider: MetricProvider,
+    spec: AnalysisSpec,
+    canary_matchers: LabelMatchers,
+    stable_matchers: LabelMatchers | None = None,
+    http_errors: HttpErrorSource | None = None,
+) -> RunMeasurements:
+    """Ask the provider for one run's numbers (the only function here that does I/O)."""
+    canary_queries, stable_queries = run_queries(spec, canary_matchers, stable_matchers, http_errors)
+    canary = provider.measure_all(canary_queries)
+    stable = provider.measure_all(stable_queries) if stable_queries else None
+    return RunMeasurements(canary, stable)

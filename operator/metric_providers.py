@@ -1,0 +1,280 @@
+"""Where rollout analysis gets its numbers: PromQL builders per revision, and metric providers.
+
+Shaped like Argo Rollouts' `metric/provider.go`: a provider turns one `MetricQuery` into one
+`Measurement` and never raises; a broken or unreachable backend becomes a Measurement with
+`error` set, which analysis treats as Inconclusive (pause, never promote).
+
+SGLang registers its metrics as `sglang:<name>`, but prometheus_client answers Prometheus's
+OpenMetrics scrape with `sglang_<name>`, so every query selects the metric by
+`__name__=~"sglang[:_]<name>"` and works against either form.
+
+Series of one revision are selected by label matchers the caller passes, e.g.
+``{"namespace": "team-a", "digitalworker_io_instance": "helpdesk", "digitalworker_io_revision": "5f8c2d"}``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Metric names (without the `sglang:`/`sglang_` prefix), as in SGLang's metrics/collector.py.
+REQUESTS_TOTAL = "num_requests_total"
+ABORTED_REQUESTS_TOTAL = "num_aborted_requests_total"
+TTFT_HISTOGRAM = "time_to_first_token_seconds"
+ITL_HISTOGRAM = "inter_token_latency_seconds"
+E2E_HISTOGRAM = "e2e_request_latency_seconds"
+QUEUE_GAUGE = "num_queue_reqs"
+KV_USAGE_GAUGE = "token_usage"
+
+# Names of the measurements a revision gets (keys of `revision_queries`).
+REQUEST_RATE = "request_rate"
+REQUEST_COUNT = "request_count"
+ERROR_RATE = "error_rate"
+HTTP_ERROR_RATE = "http_error_rate"
+TTFT_P95 = "ttft_p95"
+ITL_P95 = "itl_p95"
+E2E_P95 = "e2e_p95"
+QUEUE_LENGTH = "queue_length"
+KV_USAGE = "kv_usage"
+
+# A label matcher value: "value" means `=`; ("=~", "a|b") picks the operator.
+MatcherValue = str | tuple[str, str]
+LabelMatchers = Mapping[str, MatcherValue]
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_OPERATORS = ("=", "!=", "=~", "!~")
+
+
+@dataclass(frozen=True)
+class MetricQuery:
+    """One named PromQL instant query."""
+
+    name: str
+    promql: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The outcome of one query. `value` is None when there was no usable number."""
+
+    query: MetricQuery
+    value: float | None
+    # How many series the query returned (0: nothing matched, e.g. no traffic yet).
+    series_count: int = 0
+    error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.value is not None and math.isfinite(self.value)
+
+
+class MetricProvider(ABC):
+    """Turns a query into a measurement. Implementations must not raise."""
+
+    @abstractmethod
+    def measure(self, query: MetricQuery) -> Measurement: ...
+
+    def measure_all(self, queries: Mapping[str, MetricQuery]) -> dict[str, Measurement]:
+        return {name: self.measure(query) for name, query in queries.items()}
+
+
+# ---------------------------------------------------------------- PromQL builders
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_matchers(matchers: LabelMatchers) -> str:
+    """`{"a": "x", "b": ("=~", "y|z")}` -> `a="x", b=~"y|z"` (sorted, so queries are stable)."""
+    parts = []
+    for label in sorted(matchers):
+        if not _LABEL_NAME.match(label) or label == "__name__":
+            raise ValueError(f"invalid label name for a matcher: {label!r}")
+        raw = matchers[label]
+        operator, value = raw if isinstance(raw, tuple) else ("=", raw)
+        if operator not in _OPERATORS:
+            raise ValueError(f"invalid matcher operator {operator!r} for label {label!r}")
+        parts.append(f'{label}{operator}"{_escape_label_value(str(value))}"')
+    return ", ".join(parts)
+
+
+def sglang_selector(metric: str, matchers: LabelMatchers, extra: str = "") -> str:
+    """A series selector matching `sglang:<metric>` and `sglang_<metric>` with the given labels."""
+    labels = [f'__name__=~"sglang[:_]{re.escape(metric)}"']
+    rendered = render_matchers(matchers)
+    if rendered:
+        labels.append(rendered)
+    if extra:
+        labels.append(extra)
+    return "{" + ", ".join(labels) + "}"
+
+
+def _window(window_seconds: float) -> str:
+    seconds = int(round(window_seconds))
+    if seconds < 1:
+        raise ValueError(f"analysis window must be at least 1s, got {window_seconds}")
+    return f"{seconds}s"
+
+
+def request_count_query(matchers: LabelMatchers, window_seconds: float) -> str:
+    """Finished requests in the window (what `minRequests` is compared to)."""
+    return f"sum(increase({sglang_selector(REQUESTS_TOTAL, matchers)}[{_window(window_seconds)}]))"
+
+
+def request_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
+    return f"sum(rate({sglang_selector(REQUESTS_TOTAL, matchers)}[{_window(window_seconds)}]))"
+
+
+def error_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
+    """Aborted requests over finished requests in the window.
+
+    prometheus_client only exposes a labelled counter once it was first incremented, so a
+    healthy replica may have no aborted series at all: that counts as 0 (`or vector(0)`).
+    No requests at all stays empty/NaN (0/0), which analysis reads as Inconclusive.
+    """
+    window = _window(window_seconds)
+    aborted = f"sum(increase({sglang_selector(ABORTED_REQUESTS_TOTAL, matchers)}[{window}]))"
+    total = f"sum(increase({sglang_selector(REQUESTS_TOTAL, matchers)}[{window}]))"
+    return f"({aborted} or vector(0)) / {total}"
+
+
+def http_error_rate_query(
+    matchers: LabelMatchers, window_seconds: float, metric: str, status_label: str = "code"
+) -> str:
+    """Non-2xx responses over all responses, from an HTTP request counter (e.g. a gateway's or
+    a sidecar's `http_requests_total{code=...}`); SGLang itself exports no status-code counter."""
+    if not _LABEL_NAME.match(metric) or not _LABEL_NAME.match(status_label):
+        raise ValueError(f"invalid HTTP metric {metric!r} or status label {status_label!r}")
+    window = _window(window_seconds)
+    rendered = render_matchers(matchers)
+    base = ", ".join(filter(None, [rendered]))
+    failed_labels = ", ".join(filter(None, [rendered, f'{status_label}!~"2.."']))
+    failed = f"sum(increase({metric}{{{failed_labels}}}[{window}]))"
+    total = f"sum(increase({metric}{{{base}}}[{window}]))"
+    return f"({failed} or vector(0)) / {total}"
+
+
+def histogram_quantile_query(
+    histogram: str, matchers: LabelMatchers, window_seconds: float, quantile: float = 0.95
+) -> str:
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    buckets = sglang_selector(f"{histogram}_bucket", matchers)
+    return f"histogram_quantile({quantile:g}, sum by (le) (rate({buckets}[{_window(window_seconds)}])))"
+
+
+def gauge_average_query(gauge: str, matchers: LabelMatchers, window_seconds: float) -> str:
+    """Per-replica gauge averaged over the window; the worst replica of the revision.
+
+    Per replica, not summed, so a 1-replica canary and a 10-replica stable compare fairly."""
+    return f"max(avg_over_time({sglang_selector(gauge, matchers)}[{_window(window_seconds)}]))"
+
+
+def gauge_max_query(gauge: str, matchers: LabelMatchers, window_seconds: float) -> str:
+    """The highest value any replica of the revision reported in the window (0..1 for KV usage)."""
+    return f"max(max_over_time({sglang_selector(gauge, matchers)}[{_window(window_seconds)}]))"
+
+
+@dataclass(frozen=True)
+class HttpErrorSource:
+    """An optional HTTP request counter with a status-code label, for non-2xx error rates."""
+
+    metric: str = "http_requests_total"
+    status_label: str = "code"
+
+
+def revision_queries(
+    matchers: LabelMatchers,
+    window_seconds: float,
+    http_errors: HttpErrorSource | None = None,
+    quantile: float = 0.95,
+) -> dict[str, MetricQuery]:
+    """Every analysis measurement for one revision over one window, keyed by measurement name."""
+    promql = {
+        REQUEST_COUNT: request_count_query(matchers, window_seconds),
+        REQUEST_RATE: request_rate_query(matchers, window_seconds),
+        ERROR_RATE: error_rate_query(matchers, window_seconds),
+        TTFT_P95: histogram_quantile_query(TTFT_HISTOGRAM, matchers, window_seconds, quantile),
+        ITL_P95: histogram_quantile_query(ITL_HISTOGRAM, matchers, window_seconds, quantile),
+        E2E_P95: histogram_quantile_query(E2E_HISTOGRAM, matchers, window_seconds, quantile),
+        QUEUE_LENGTH: gauge_average_query(QUEUE_GAUGE, matchers, window_seconds),
+        KV_USAGE: gauge_max_query(KV_USAGE_GAUGE, matchers, window_seconds),
+    }
+    if http_errors is not None:
+        promql[HTTP_ERROR_RATE] = http_error_rate_query(
+            matchers, window_seconds, http_errors.metric, http_errors.status_label
+        )
+    return {name: MetricQuery(name, text) for name, text in promql.items()}
+
+
+# ---------------------------------------------------------------- parsing Prometheus answers
+
+
+def measurement_from_result(query: MetricQuery, result: Any) -> Measurement:
+    """Reduce an instant-query `data.result` (vector or scalar) to one Measurement.
+
+    The builders aggregate to a single series; several series mean a caller-written query
+    that is ambiguous, which we refuse rather than guess an aggregation."""
+    if isinstance(result, list):
+        if not result:
+            return Measurement(query, None, 0)
+        if len(result) > 1:
+            return Measurement(query, None, len(result), f"query returned {len(result)} series, expected 1")
+        sample = result[0].get("value") if isinstance(result[0], dict) else None
+    elif isinstance(result, dict) and "value" in result:
+        sample = result["value"]
+    else:
+        return Measurement(query, None, 0, f"unexpected result shape: {type(result).__name__}")
+    try:
+        value = float(sample[1])
+    except (TypeError, ValueError, IndexError) as exc:
+        return Measurement(query, None, 1, f"unparsable sample {sample!r}: {exc}")
+    # NaN (0/0, histogram_quantile with no observations) and ±Inf are kept as None: no number.
+    return Measurement(query, value if math.isfinite(value) else None, 1)
+
+
+# ---------------------------------------------------------------- clients
+
+
+@dataclass
+class PrometheusProvider(MetricProvider):
+    """Instant queries through prometheus-api-client's `PrometheusConnect.custom_query`.
+
+    Retries once on a connection error (a scrape-time blip), then reports the error in the
+    Measurement; a stopped Prometheus costs about `timeout` seconds per query at most."""
+
+    url: str
+    timeout: float = 5.0
+    headers: Mapping[str, str] | None = None
+    disable_ssl: bool = False
+    _client: Any = field(default=None, init=False, repr=False)
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            # prometheus_api_client pulls in pandas: import it only when first needed.
+            from prometheus_api_client import PrometheusConnect
+            from urllib3.util.retry import Retry
+
+            self._client = PrometheusConnect(
+                url=self.url.rstrip("/"),
+                headers=dict(self.headers) if self.headers else None,
+                disable_ssl=self.disable_ssl,
+                retry=Retry(total=1, backoff_factor=0, status_forcelist=()),
+                timeout=self.timeout,
+            )
+        return self._client
+
+    def measure(self, query: MetricQuery) -> Measurement:
+        try:
+            result = self._connect().custom_query(query.promql)
+        except Exception as exc:  # connection refused, timeout, HTTP 4xx/5xx, bad JSON: never raise
+            return Measurement(query, None, 0, f"{type(exc).__name__}: {_first_line(str(exc))}")
+        return measurement_from_result(query, result)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:limit]
