@@ -1,0 +1,1 @@
+"""Per-node GPU metrics and fault agent (`digital-worker agent`); installs with the `agent` extra alone."""
