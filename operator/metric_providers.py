@@ -218,6 +218,9 @@ def measurement_from_result(query: MetricQuery, result: Any) -> Measurement:
 
     The builders aggregate to a single series; several series mean a caller-written query
     that is ambiguous, which we refuse rather than guess an aggregation."""
+    if _is_scalar_sample(result):
+        # A scalar result (e.g. `scalar(...)` or a bare number) is `[time, "value"]`.
+        result = {"value": result}
     if isinstance(result, list):
         if not result:
             return Measurement(query, None, 0)
@@ -234,6 +237,13 @@ def measurement_from_result(query: MetricQuery, result: Any) -> Measurement:
         return Measurement(query, None, 1, f"unparsable sample {sample!r}: {exc}")
     # NaN (0/0, histogram_quantile with no observations) and ±Inf are kept as None: no number.
     return Measurement(query, value if math.isfinite(value) else None, 1)
+
+
+def _is_scalar_sample(result: Any) -> bool:
+    return (
+        isinstance(result, list) and len(result) == 2
+        and isinstance(result[0], (int, float)) and isinstance(result[1], str)
+    )
 
 
 # ---------------------------------------------------------------- clients

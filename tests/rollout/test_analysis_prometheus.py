@@ -270,6 +270,7 @@ def test_prometheus_provider_reports_bad_queries_and_refused_connections(prometh
     assert bad.value is None and "400" in bad.error
     scalar = provider.measure(MetricQuery("scalar", "vector(2) / vector(4)"))
     assert scalar.value == 0.5 and scalar.error is None
+    assert provider.measure(MetricQuery("scalar result", "scalar(vector(3))")).value == 3.0
     nan = provider.measure(MetricQuery("nan", "vector(0) / vector(0)"))
     assert nan.value is None and nan.error is None and not nan.usable
     several = provider.measure(MetricQuery("several", 'label_replace(vector(1), "a", "x", "", "") or '

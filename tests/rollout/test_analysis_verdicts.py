@@ -1,0 +1,383 @@
+"""Pure, tick-by-tick tests of the analysis: spec parsing, check and run verdicts, state transitions."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from digital_worker.operator.analysis import (
+    REASON_FAILED,
+    REASON_INCONCLUSIVE,
+    REASON_METRICS_UNAVAILABLE,
+    REASON_PASSED,
+    Action,
+    AnalysisSpec,
+    AnalysisState,
+    CheckDefinition,
+    Phase,
+    RunMeasurements,
+    Verdict,
+    evaluate,
+    is_due,
+    judge_absolute,
+    judge_relative,
+    judge_run,
+    next_run_at,
+    resume,
+    run_queries,
+)
+from digital_worker.operator.metric_providers import (
+    E2E_P95,
+    ERROR_RATE,
+    HTTP_ERROR_RATE,
+    ITL_P95,
+    QUEUE_LENGTH,
+    REQUEST_COUNT,
+    TTFT_P95,
+    Measurement,
+    MetricQuery,
+)
+
+QUERY = MetricQuery("q", "vector(1)")
+
+
+def good(**overrides) -> dict:
+    values = {REQUEST_COUNT: 100.0, ERROR_RATE: 0.0, TTFT_P95: 0.4, ITL_P95: 0.02, E2E_P95: 3.0, QUEUE_LENGTH: 1.0}
+    values.update(overrides)
+    return values
+
+
+def stable(**overrides) -> dict:
+    return good(**overrides)
+
+
+# ---------------------------------------------------------------- spec
+
+
+def test_spec_defaults_and_camel_case_keys():
+    spec = AnalysisSpec.from_dict({})
+    assert spec == AnalysisSpec()
+    assert [check.key for check in spec.checks()] == ["maxErrorRate", "maxTTFTP95Ratio", "maxITLP95Ratio"]
+    spec = AnalysisSpec.from_dict({
+        "maxErrorRate": 0.01, "maxTTFTP95Seconds": 2, "maxITLP95Seconds": 0.05, "maxE2EP95Seconds": 30,
+        "maxQueueLength": 8, "maxTTFTP95Ratio": 1.2, "maxITLP95Ratio": None, "maxErrorRateRatio": 2,
+        "minRequests": 50, "windowSeconds": 120, "intervalSeconds": 60, "failureLimit": 2,
+        "inconclusiveLimit": 3, "successfulRuns": 2,
+    })
+    assert spec.max_ttft_p95_seconds == 2.0 and spec.max_itl_p95_ratio is None
+    assert spec.min_requests == 50 and spec.failure_limit == 2 and spec.first_run_delay() == 60
+    keys = [check.key for check in spec.checks()]
+    assert keys == ["maxErrorRate", "maxTTFTP95Seconds", "maxITLP95Seconds", "maxE2EP95Seconds",
+                    "maxQueueLength", "maxTTFTP95Ratio", "maxErrorRateRatio"]
+    assert AnalysisSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"maxErrorRat": 0.1}, "analysis.maxErrorRat"),
+        ({"maxErrorRate": "5%"}, "analysis.maxErrorRate"),
+        ({"maxErrorRate": -0.1}, "analysis.maxErrorRate"),
+        ({"maxErrorRate": math.nan}, "analysis.maxErrorRate"),
+        ({"minRequests": 2.5}, "analysis.minRequests"),
+        ({"failureLimit": 0}, "analysis.failureLimit"),
+        ({"failureLimit": True}, "analysis.failureLimit"),
+        ({"windowSeconds": None}, "analysis.windowSeconds"),
+        ({"windowSeconds": 0.5}, "analysis.windowSeconds"),
+        ({"maxTTFTP95Ratio": 0}, "analysis.maxTTFTP95Ratio"),
+    ],
+)
+def test_spec_rejects_bad_fields_naming_them(data, field):
+    with pytest.raises(ValueError) as error:
+        AnalysisSpec.from_dict(data)
+    assert str(error.value).startswith(field + ":")
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- check verdicts
+
+
+ERROR_CHECK = CheckDefinition("maxErrorRate", ERROR_RATE, 0.02, relative=False)
+TTFT_RATIO = CheckDefinition("maxTTFTP95Ratio", TTFT_P95, 1.2, relative=True)
+
+
+@pytest.mark.parametrize(
+    ("measurement", "verdict"),
+    [
+        (0.0, Verdict.SUCCESSFUL),
+        (0.02, Verdict.SUCCESSFUL),  # at the threshold passes
+        (0.0201, Verdict.FAILED),
+        (Measurement(QUERY, 0.5, 1), Verdict.FAILED),
+        (Measurement(QUERY, 0.01, 1), Verdict.SUCCESSFUL),
+        (None, Verdict.INCONCLUSIVE),
+        (math.nan, Verdict.INCONCLUSIVE),
+        (math.inf, Verdict.INCONCLUSIVE),
+        (Measurement(QUERY, None, 0), Verdict.INCONCLUSIVE),  # empty result
+        (Measurement(QUERY, None, 1), Verdict.INCONCLUSIVE),  # NaN from Prometheus
+        (Measurement(QUERY, 0.0, 1, "ConnectionError: refused"), Verdict.INCONCLUSIVE),
+    ],
+)
+def test_absolute_check_verdicts(measurement, verdict):
+    result = judge_absolute(ERROR_CHECK, measurement)
+    assert result.verdict is verdict
+    assert result.name == "maxErrorRate" and result.threshold == 0.02
+    if verdict is Verdict.INCONCLUSIVE:
+        assert result.value is None and result.message
+
+
+def test_absolute_check_messages_say_why():
+    assert "no data" in judge_absolute(ERROR_CHECK, Measurement(QUERY, None, 0)).message
+    assert "NaN" in judge_absolute(ERROR_CHECK, Measurement(QUERY, None, 1)).message
+    assert "refused" in judge_absolute(ERROR_CHECK, Measurement(QUERY, None, 0, "refused")).message
+    assert judge_absolute(ERROR_CHECK, 0.05).message == "error_rate 0.05 > 0.02"
+
+
+@pytest.mark.parametrize(
+    ("canary", "baseline", "verdict"),
+    [
+        (0.48, 0.4, Verdict.SUCCESSFUL),  # 1.2x exactly
+        (0.49, 0.4, Verdict.FAILED),
+        (0.8, 0.4, Verdict.FAILED),  # the 2x TTFT canary
+        (0.2, 0.4, Verdict.SUCCESSFUL),  # faster is fine
+        (None, 0.4, Verdict.INCONCLUSIVE),
+        (0.4, None, Verdict.INCONCLUSIVE),
+        (0.4, math.nan, Verdict.INCONCLUSIVE),
+        (0.0005, 0.0, Verdict.SUCCESSFUL),  # a zero baseline is floored, not divided by
+        (0.01, 0.0, Verdict.FAILED),
+    ],
+)
+def test_relative_check_verdicts(canary, baseline, verdict):
+    result = judge_relative(TTFT_RATIO, canary, baseline)
+    assert result.verdict is verdict
+    if verdict is not Verdict.INCONCLUSIVE:
+        assert result.value == canary and result.baseline == baseline
+
+
+def test_relative_error_rate_floor_tolerates_a_stray_error_against_a_clean_stable():
+    check = CheckDefinition("maxErrorRateRatio", ERROR_RATE, 2.0, relative=True)
+    assert judge_relative(check, 0.0, 0.0).verdict is Verdict.SUCCESSFUL
+    assert judge_relative(check, 0.002, 0.0).verdict is Verdict.SUCCESSFUL  # <= 2 x 0.1% floor
+    assert judge_relative(check, 0.05, 0.0).verdict is Verdict.FAILED
+    assert judge_relative(check, 0.05, 0.03).verdict is Verdict.SUCCESSFUL
+
+
+# ---------------------------------------------------------------- run verdicts
+
+
+def test_run_all_good_is_successful():
+    spec = AnalysisSpec.from_dict({"maxTTFTP95Seconds": 1})
+    run = judge_run(spec, RunMeasurements(good(), stable()))
+    assert run.verdict is Verdict.SUCCESSFUL
+    assert {check.verdict for check in run.checks} == {Verdict.SUCCESSFUL}
+    assert not run.metrics_unavailable
+
+
+def test_run_any_failure_fails_even_with_other_checks_inconclusive():
+    spec = AnalysisSpec()
+    run = judge_run(spec, RunMeasurements(good(**{ERROR_RATE: 0.05, ITL_P95: None}), stable()))
+    assert run.verdict is Verdict.FAILED
+    assert "error_rate 0.05 > 0.02" in run.message
+
+
+def test_run_below_min_requests_is_inconclusive_even_if_numbers_look_bad():
+    spec = AnalysisSpec(min_requests=20)
+    run = judge_run(spec, RunMeasurements(good(**{REQUEST_COUNT: 19.4, ERROR_RATE: 0.5}), stable()))
+    assert run.verdict is Verdict.INCONCLUSIVE
+    assert all(check.verdict is Verdict.INCONCLUSIVE for check in run.checks)
+    assert "minRequests 20" in run.message
+
+
+@pytest.mark.parametrize("count", [None, Measurement(QUERY, None, 0), Measurement(QUERY, None, 0, "timeout")])
+def test_run_without_a_request_count_is_inconclusive(count):
+    canary = good()
+    canary[REQUEST_COUNT] = count
+    run = judge_run(AnalysisSpec(), RunMeasurements(canary, stable()))
+    assert run.verdict is Verdict.INCONCLUSIVE
+
+
+def test_min_requests_zero_skips_the_traffic_gate():
+    canary = good()
+    del canary[REQUEST_COUNT]
+    run = judge_run(AnalysisSpec(min_requests=0), RunMeasurements(canary, stable()))
+    assert run.verdict is Verdict.SUCCESSFUL
+
+
+def test_relative_checks_are_inconclusive_when_the_stable_lacks_traffic():
+    spec = AnalysisSpec()
+    run = judge_run(spec, RunMeasurements(good(), stable(**{REQUEST_COUNT: 3})))
+    by_name = {check.name: check for check in run.checks}
+    assert by_name["maxErrorRate"].verdict is Verdict.SUCCESSFUL
+    assert by_name["maxTTFTP95Ratio"].verdict is Verdict.INCONCLUSIVE
+    assert "stable" in by_name["maxTTFTP95Ratio"].message
+    assert run.verdict is Verdict.INCONCLUSIVE
+    # With no stable measured at all, likewise.
+    assert judge_run(spec, RunMeasurements(good(), None)).verdict is Verdict.INCONCLUSIVE
+
+
+def test_run_with_no_enabled_checks_is_never_a_pass():
+    spec = AnalysisSpec(max_error_rate=None, max_ttft_p95_ratio=None, max_itl_p95_ratio=None)
+    run = judge_run(spec, RunMeasurements(good(), stable()))
+    assert run.checks == () and run.verdict is Verdict.INCONCLUSIVE
+
+
+def test_http_error_rate_check_uses_its_own_measurement():
+    spec = AnalysisSpec(max_http_error_rate=0.01)
+    assert judge_run(spec, RunMeasurements(good(**{HTTP_ERROR_RATE: 0.2}), stable())).verdict is Verdict.FAILED
+    assert judge_run(spec, RunMeasurements(good(**{HTTP_ERROR_RATE: 0.0}), stable())).verdict is Verdict.SUCCESSFUL
+
+
+# ---------------------------------------------------------------- state transitions, tick by tick
+
+
+def run_ticks(spec: AnalysisSpec, runs: list[RunMeasurements], start: float = 1000.0):
+    """Feed runs at their due times; return (actions, final state)."""
+    state = AnalysisState.start(start)
+    actions = []
+    for run in runs:
+        due = next_run_at(state, spec)
+        assert due is not None
+        assert not is_due(state, spec, due - 0.001) and is_due(state, spec, due)
+        result, state = evaluate(state, run, due, spec)
+        actions.append(result.action)
+        # The state survives a restart: through JSON and back, identical.
+        assert AnalysisState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    return actions, state
+
+
+GOOD = RunMeasurements(good(), stable())
+FAILING = RunMeasurements(good(**{ERROR_RATE: 0.05}), stable())
+SLOW = RunMeasurements(good(**{TTFT_P95: 0.8}), stable())
+IDLE = RunMeasurements(good(**{REQUEST_COUNT: 0.0, TTFT_P95: None}), stable())
+DOWN = RunMeasurements(
+    {name: Measurement(QUERY, None, 0, "ConnectionError: refused") for name in good()},
+    {name: Measurement(QUERY, None, 0, "ConnectionError: refused") for name in good()},
+)
+
+
+def test_first_run_waits_one_interval_then_runs_every_interval():
+    spec = AnalysisSpec(interval_seconds=30, successful_runs=3)
+    state = AnalysisState.start(100.0)
+    assert next_run_at(state, spec) == 130.0
+    _, state = evaluate(state, GOOD, 131.0, spec)
+    assert next_run_at(state, spec) == 161.0
+    spec_with_delay = AnalysisSpec(interval_seconds=30, initial_delay_seconds=0)
+    assert is_due(AnalysisState.start(100.0), spec_with_delay, 100.0)
+
+
+def test_enough_successful_runs_pass():
+    spec = AnalysisSpec(successful_runs=3)
+    actions, state = run_ticks(spec, [GOOD, GOOD, GOOD])
+    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.PASS]
+    assert state.phase is Phase.SUCCESSFUL and state.reason == REASON_PASSED
+    assert state.successful_runs == 3 and state.runs == 3
+
+
+def test_successes_need_not_be_consecutive_but_inconclusive_runs_do_not_count():
+    spec = AnalysisSpec(successful_runs=2, inconclusive_limit=3)
+    actions, state = run_ticks(spec, [GOOD, IDLE, IDLE, GOOD])
+    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.CONTINUE, Action.PASS]
+    assert state.consecutive_inconclusive == 0
+
+
+def test_failure_limit_consecutive_failures_abort():
+    spec = AnalysisSpec(failure_limit=2, successful_runs=5)
+    actions, state = run_ticks(spec, [FAILING, GOOD, FAILING, FAILING])
+    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.CONTINUE, Action.ABORT]
+    assert state.phase is Phase.FAILED and state.reason == REASON_FAILED
+    assert "2 consecutive failed run(s)" in state.message and "error_rate" in state.message
+
+
+def test_default_spec_aborts_a_5_percent_error_canary_at_the_first_run():
+    actions, state = run_ticks(AnalysisSpec(), [FAILING])
+    assert actions == [Action.ABORT]
+
+
+def test_default_spec_aborts_a_2x_ttft_canary_on_the_relative_check():
+    actions, state = run_ticks(AnalysisSpec(), [SLOW])
+    assert actions == [Action.ABORT]
+    failed = [check for check in state.checks if check.verdict is Verdict.FAILED]
+    assert [check.name for check in failed] == ["maxTTFTP95Ratio"]
+    assert failed[0].value == 0.8 and failed[0].baseline == 0.4
+
+
+def test_inconclusive_does_not_reset_a_failure_streak():
+    spec = AnalysisSpec(failure_limit=2, inconclusive_limit=5, successful_runs=5)
+    actions, _ = run_ticks(spec, [FAILING, IDLE, FAILING])
+    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.ABORT]
+
+
+def test_no_traffic_pauses_never_promotes():
+    spec = AnalysisSpec(inconclusive_limit=3)
+    actions, state = run_ticks(spec, [IDLE, IDLE, IDLE])
+    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.PAUSE]
+    assert state.phase is Phase.PAUSED and state.reason == REASON_INCONCLUSIVE
+    assert "minRequests" in state.message and state.successful_runs == 0
+
+
+def test_prometheus_unreachable_pauses_with_metrics_unavailable():
+    spec = AnalysisSpec(inconclusive_limit=2)
+    actions, state = run_ticks(spec, [DOWN, DOWN])
+    assert actions == [Action.CONTINUE, Action.PAUSE]
+    assert state.reason == REASON_METRICS_UNAVAILABLE and "refused" in state.message
+    # Checks are recorded as Inconclusive with no value, readable in status.
+    assert all(check["verdict"] == "Inconclusive" and check["value"] is None for check in state.to_dict()["checks"])
+
+
+def test_settled_analysis_ignores_further_runs():
+    spec = AnalysisSpec()
+    _, aborted = run_ticks(spec, [FAILING])
+    result, again = evaluate(aborted, GOOD, 99999.0, spec)
+    assert again == aborted and result.action is Action.ABORT and result.next_run_at is None
+    _, passed = run_ticks(spec, [GOOD])
+    result, again = evaluate(passed, FAILING, 99999.0, spec)
+    assert again == passed and result.action is Action.PASS
+
+
+def test_resume_after_pause_measures_again():
+    spec = AnalysisSpec(inconclusive_limit=1, interval_seconds=30)
+    _, paused = run_ticks(spec, [DOWN])
+    result, same = evaluate(paused, GOOD, 5000.0, spec)
+    assert result.action is Action.PAUSE and same == paused and not is_due(paused, spec, 10**9)
+    resumed = resume(paused, 5000.0)
+    assert resumed.phase is Phase.RUNNING and resumed.consecutive_inconclusive == 0
+    assert next_run_at(resumed, spec) == 5030.0
+    result, state = evaluate(resumed, GOOD, 5030.0, spec)
+    assert result.action is Action.PASS and state.runs == 2
+    assert resume(state, 6000.0) is state  # only a paused analysis resumes
+
+
+def test_status_dict_is_plain_json_and_tolerant_when_read_back():
+    spec = AnalysisSpec()
+    nan_run = RunMeasurements(good(**{ITL_P95: math.nan}), stable())
+    _, state = evaluate(AnalysisState.start(0), nan_run, 30, spec)
+    status = state.to_dict()
+    json.dumps(status, allow_nan=False)  # raises on a NaN number: Kubernetes status cannot hold one
+    assert status["lastVerdict"] == "Inconclusive" and status["phase"] == "Running"
+    # An empty or partial status (new rollout, older operator) reads back as a fresh state.
+    assert AnalysisState.from_dict({}) == AnalysisState()
+    assert AnalysisState.from_dict(None) == AnalysisState()
+    partial = AnalysisState.from_dict({"phase": "Bogus", "consecutiveFailures": 2, "lastVerdict": "Nope"})
+    assert partial.phase is Phase.RUNNING and partial.consecutive_failures == 2 and partial.last_verdict is None
+
+
+def test_state_restored_mid_analysis_decides_like_the_original():
+    spec = AnalysisSpec(failure_limit=2, successful_runs=3)
+    state = AnalysisState.start(0)
+    _, state = evaluate(state, FAILING, 30, spec)
+    restored = AnalysisState.from_dict(json.loads(json.dumps(state.to_dict())))
+    original_result, original_next = evaluate(state, FAILING, 60, spec)
+    restored_result, restored_next = evaluate(restored, FAILING, 60, spec)
+    assert original_result == restored_result and original_next == restored_next
+    assert restored_result.action is Action.ABORT
+
+
+def test_run_queries_ask_only_for_what_enabled_checks_need():
+    spec = AnalysisSpec.from_dict({"maxTTFTP95Ratio": 1.2, "maxITLP95Ratio": None, "windowSeconds": 120})
+    canary, stable_queries = run_queries(spec, {"digitalworker_io_revision": "new"}, {"digitalworker_io_revision": "old"})
+    assert set(canary) == {REQUEST_COUNT, ERROR_RATE, TTFT_P95}
+    assert set(stable_queries) == {REQUEST_COUNT, TTFT_P95}
+    assert all('digitalworker_io_revision="new"' in q.promql and "[120s]" in q.promql for q in canary.values())
+    assert all('digitalworker_io_revision="old"' in q.promql for q in stable_queries.values())
+    only_absolute = AnalysisSpec(max_ttft_p95_ratio=None, max_itl_p95_ratio=None)
+    assert run_queries(only_absolute, {"r": "new"}, {"r": "old"})[1] == {}
