@@ -53,6 +53,21 @@ ALLOWED_EXTRA_ARGS: dict[str, bool] = {
 }
 
 
+# Value choices of the typed fields, as SGLang 0.5.23's parser declares them (checked by a test
+# against the real parser), so a typo fails in the operator instead of in a crash-looping pod.
+DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e5m2", "fp8_e4m3", "mxfp8", "bf16", "bfloat16", "nvfp4", "fp4_mx_block16")
+QUANTIZATION_CHOICES = (
+    "awq", "fp8", "mxfp8", "gptq", "gptq_marlin", "awq_marlin", "bitsandbytes", "gguf", "modelopt",
+    "modelopt_fp8", "modelopt_fp4", "w8a8_int8", "w8a8_fp8", "moe_wna16", "w4afp8", "mxfp4",
+    "auto-round", "compressed-tensors", "quark",
+)
+LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
+
+# Extra args that would set again what a typed field of LaunchConfig already sets.
+_FIELD_FOR_EXTRA_ARG = {"--chunked-prefill-size": "chunked_prefill_size"}
+
+
 def check_extra_args(args: list[str]) -> list[str]:
     """Return a list of problems with `args` (empty when they are all allowed and well-formed)."""
     problems: list[str] = []
@@ -95,6 +110,8 @@ class LaunchConfig:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
     chunked_prefill_size: int | None = None
+    # GPUs the pod gets (its nvidia.com/gpu limit); tensor x data parallel size must use exactly these.
+    gpus: int | None = None
     enable_metrics: bool = True
     log_level: str = "info"
     revision: str | None = None
@@ -121,15 +138,77 @@ class LaunchConfig:
         if unknown:
             raise ValueError(f"unknown launch config field(s): {', '.join(unknown)}")
         values = dict(data)
+        for required in ("model_path", "served_model_name"):
+            if not values.get(required):
+                raise ValueError(f"launch config field {required!r} is missing")
         values["extra_args"] = tuple(values.get("extra_args") or ())
         return cls(**values)
+
+    def problems(self) -> list[str]:
+        """Everything wrong with this config, one line each naming the field (empty when valid)."""
+        found: list[str] = []
+
+        def check_type(name: str, kinds: tuple[type, ...]) -> bool:
+            value = getattr(self, name)
+            # bool is an int in Python; a JSON `true` for a size is still a mistake.
+            if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+                return True
+            found.append(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+            return False
+
+        for name in ("model_path", "served_model_name", "host", "dtype", "kv_cache_dtype", "log_level"):
+            check_type(name, (str,))
+        for name in ("port", "tensor_parallel_size", "data_parallel_size", "max_running_requests",
+                     "context_length", "chunked_prefill_size", "gpus"):
+            if check_type(name, (int,)) and getattr(self, name) is not None:
+                value = getattr(self, name)
+                # SGLang reads --chunked-prefill-size -1 as "chunked prefill off".
+                if value < 1 and not (name == "chunked_prefill_size" and value == -1):
+                    found.append(f"{name}: must be positive, got {value}")
+        if check_type("mem_fraction_static", (float, int)) and self.mem_fraction_static is not None:
+            if not 0.0 < self.mem_fraction_static < 1.0:
+                found.append(f"mem_fraction_static: must be between 0 and 1, got {self.mem_fraction_static}")
+        if isinstance(self.port, int) and not 1 <= self.port <= 65535:
+            found.append(f"port: {self.port} is not a TCP port")
+        for name, choices in (("dtype", DTYPE_CHOICES), ("kv_cache_dtype", KV_CACHE_DTYPE_CHOICES),
+                              ("log_level", LOG_LEVEL_CHOICES)):
+            if isinstance(getattr(self, name), str) and getattr(self, name) not in choices:
+                found.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            found.append(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
+        if (
+            self.gpus is not None
+            and isinstance(self.tensor_parallel_size, int)
+            and isinstance(self.data_parallel_size, int)
+            and self.tensor_parallel_size * self.data_parallel_size != self.gpus
+        ):
+            found.append(
+                f"tensor_parallel_size: {self.tensor_parallel_size} x data_parallel_size "
+                f"{self.data_parallel_size} does not match the {self.gpus} GPU(s) of the pod"
+            )
+        if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
+            found.append(f"api_key_env: {self.api_key_env!r} is not an environment variable name")
+        if not isinstance(self.extra_args, (tuple, list)) or not all(isinstance(a, str) for a in self.extra_args):
+            found.append("extra_args: expected a list of strings")
+            return found
+        found += check_extra_args(list(self.extra_args))
+        for arg in self.extra_args:
+            field_name = _FIELD_FOR_EXTRA_ARG.get(arg.split("=", 1)[0])
+            if field_name and getattr(self, field_name) is not None:
+                found.append(f"extra arg {arg.split('=', 1)[0]!r} conflicts with field {field_name!r}")
+        return found
+
+    def validate(self) -> "LaunchConfig":
+        """Raise ValueError naming the first bad field; return self when the config is valid."""
+        found = self.problems()
+        if found:
+            raise ValueError(found[0])
+        return self
 
 
 def build_argv(config: LaunchConfig, python: str = "python3") -> list[str]:
     """SGLang's argv for `config`. The API key is never put here: the launcher hands it over out of band."""
-    problems = check_extra_args(list(config.extra_args))
-    if problems:
-        raise ValueError("; ".join(problems))
+    config.validate()
     argv = [
         python, "-m", "sglang.launch_server",
         "--model-path", config.model_path,
