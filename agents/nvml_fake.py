@@ -137,14 +137,14 @@ class _State:
         self.event_file_offset = 0
         self.configured_in_process = False
         self.lock = threading.Lock()
-        self.calls = 0
+        self.calls: dict[str, int] = {}
 
 
 _state = _State()
 
 
 def _check(device: _FakeDevice, function: str) -> None:
-    _state.calls += 1
+    _state.calls[function] = _state.calls.get(function, 0) + 1
     if not _state.initialised:
         raise NVMLError(NVML_ERROR_UNINITIALIZED)
     if device.lost:
@@ -169,6 +169,7 @@ def fake_configure(gpus: int = 8, unsupported: dict | None = None, lost=(), no_x
         for index, readings in (gpu or {}).items():
             _state.devices[int(index)].readings.update(readings)
         _state.events = queue.Queue()
+        _state.calls = {}
         _state.configured_in_process = True
 
 
@@ -186,8 +187,11 @@ def fake_lose_gpu(index: int) -> None:
     _state.devices[int(index)].lost = True
 
 
-def fake_call_count() -> int:
-    return _state.calls
+def fake_call_count(function: str | None = None) -> int:
+    """How often `function` (or any per-GPU function) was called since the last fake_configure."""
+    if function is None:
+        return sum(_state.calls.values())
+    return _state.calls.get(function, 0)
 
 
 def _configure_from_environment() -> None:

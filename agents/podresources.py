@@ -67,7 +67,7 @@ class PodAttribution:
     """Keeps the GPU -> pod map fresh, refreshing at most every `refresh_seconds`.
 
     Without the socket (not on a kubelet node, or hostPath not mounted) there is no attribution:
-    said once in the log, and `up` stays False. Errors keep the last good map.
+    said once in the log, and `up` stays False. Errors and a vanished socket keep the last good map.
     """
 
     def __init__(self, socket_path: str | None = DEFAULT_SOCKET, refresh_seconds: float = 10.0) -> None:
@@ -93,8 +93,8 @@ class PodAttribution:
                 else:
                     log.info("pod attribution disabled: GPU metrics carry no pod/namespace/container labels")
                 self._missing_logged = True
+            # A restarting kubelet removes and recreates its socket: keep the last map meanwhile.
             self.up = False
-            self.owners = {}
             return self.owners
         try:
             if self._client is None:
