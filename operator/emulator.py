@@ -172,7 +172,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if isinstance(data, list):  # a JSON patch: apply it here to compute the new object
             import jsonpatch
 
-            new = jsonpatch.apply_patch(current, data, in_place=False)
+            try:
+                new = jsonpatch.apply_patch(current, data, in_place=False)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                # The API server answers 422 when a JSON patch's `test` fails (kopf relies on it).
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
             data = {key: new.get(key) for key in set(current) | set(new)}
         data = dict(data)
         subresource = request.subresource

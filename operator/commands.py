@@ -1,0 +1,109 @@
+"""Operator-side subcommands: crd, render, run, dev. Heavy imports happen inside the handlers."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    crd = subparsers.add_parser("crd", help="print the DigitalWorker CRD (YAML)",
+                                description="Print the DigitalWorker CustomResourceDefinition, generated from the "
+                                            "operator's Python schema (the one source of truth).")
+    crd.set_defaults(handler=cmd_crd)
+
+    render = subparsers.add_parser("render", help="print the manifests the operator would apply",
+                                   description="Validate a DigitalWorker manifest and print the Kubernetes objects "
+                                               "the operator would create for it (for GitOps review).")
+    render.add_argument("-f", "--filename", required=True, help="DigitalWorker YAML file ('-' for stdin)")
+    render.add_argument("-n", "--namespace", default=None, help="namespace when the manifest has none")
+    render.set_defaults(handler=cmd_render)
+
+    run = subparsers.add_parser("run", help="run the operator against the current kubeconfig or in-cluster",
+                                description="Run the DigitalWorker operator (kopf) against KUBECONFIG, "
+                                            "~/.kube/config or the in-cluster service account.")
+    run.add_argument("-n", "--namespace", action="append", dest="namespaces",
+                     help="watch only these namespaces (repeatable; default: cluster-wide)")
+    run.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                     help="liveness endpoint URL to serve (default: %(default)s)")
+    run.add_argument("--peering", default=None,
+                     help="kopf peering name for leader election between replicas (default: standalone)")
+    run.add_argument("--prometheus-url", default=None, help="Prometheus for analysis and autoscaling")
+    run.add_argument("--verbose", action="store_true")
+    run.set_defaults(handler=cmd_run)
+
+    dev = subparsers.add_parser("dev", help="the embedded default: emulated cluster + real operator",
+                                description="Start an emulated Kubernetes API on loopback, run the real operator "
+                                            "against it, apply a DigitalWorker and show what it reconciles. "
+                                            "Leaves the API up until Ctrl-C; the kubeconfig path is printed.")
+    dev.add_argument("-f", "--filename", default=None,
+                     help="DigitalWorker manifest to apply (default: the bundled examples/digitalworker.yaml)")
+    dev.add_argument("--kubeconfig-out", default=".digital-worker/kubeconfig",
+                     help="where to write the emulated cluster's kubeconfig (default: %(default)s)")
+    dev.add_argument("--duration", type=float, default=None,
+                     help="stop after this many seconds instead of waiting for Ctrl-C")
+    dev.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds to wait for the DigitalWorker to become Ready (default: %(default)s)")
+    dev.set_defaults(handler=cmd_dev)
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from digital_worker.operator.schema import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def load_manifest(path: str) -> dict:
+    import yaml
+
+    from digital_worker.cli import UserError
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc]
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    workers = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == "DigitalWorker"]
+    if len(workers) != 1:
+        raise UserError(f"{path} must hold exactly one DigitalWorker (found {len(workers)})")
+    return workers[0]
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from digital_worker.cli import UserError
+    from digital_worker.operator import render, spec
+
+    body = load_manifest(args.filename)
+    meta = body.setdefault("metadata", {})
+    meta.setdefault("namespace", args.namespace or "default")
+    meta.setdefault("uid", "<assigned-by-the-api-server>")
+    problems = spec.validate(body)
+    if problems:
+        raise UserError("invalid DigitalWorker: " + "; ".join(problems))
+    normalized, _ = spec.normalize_spec(body["spec"])
+    sys.stdout.write(yaml.safe_dump_all(render.render_all(body, normalized), sort_keys=False, width=120))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from digital_worker.operator.runner import run_foreground
+
+    if args.prometheus_url:
+        os.environ["DW_PROMETHEUS_URL"] = args.prometheus_url
+    run_foreground(namespaces=args.namespaces, liveness=args.liveness, peering=args.peering, verbose=args.verbose)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from digital_worker.operator.dev import run_dev
+
+    return run_dev(manifest=args.filename, kubeconfig_out=args.kubeconfig_out, duration=args.duration,
+                   timeout=args.timeout)

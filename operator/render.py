@@ -1,0 +1,205 @@
+"""Render what the operator applies for a DigitalWorker: pure functions, jinja2 templates in the package.
+
+`digital-worker render -f dw.yaml` prints exactly these objects, so GitOps reviews see what the
+operator would apply.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from digital_worker.operator import schema as api
+from digital_worker.runtime.contract import API_KEY_ENV, CONFIG_PATH, MODEL_CACHE_DIR, LaunchConfig
+
+REVISION_LENGTH = 10
+PVC_MOUNT = "/mnt/model-pvc"
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("digital_worker.operator", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+
+
+def _render(template: str, **values: Any) -> dict[str, Any]:
+    return yaml.safe_load(_environment().get_template(template).render(**values))
+
+
+def revision_hash(spec: dict[str, Any]) -> str:
+    """Hash of everything that changes the pod: the model and how it runs (not replicas, rollout, scaling)."""
+    pod_affecting = {"model": spec.get("model"), "runtime": spec.get("runtime")}
+    canonical = json.dumps(pod_affecting, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:REVISION_LENGTH]
+
+
+def revision_name(dw_name: str, revision: str) -> str:
+    return f"{dw_name}-{revision}"
+
+
+def instance_labels(dw_name: str) -> dict[str, str]:
+    return {api.LABEL_NAME: api.APP_NAME, api.LABEL_INSTANCE: dw_name, api.LABEL_MANAGED_BY: "digital-worker-operator"}
+
+
+def selector_string(dw_name: str) -> str:
+    return f"{api.LABEL_NAME}={api.APP_NAME},{api.LABEL_INSTANCE}={dw_name}"
+
+
+def model_path(model: dict[str, Any]) -> str:
+    """Where the weights are inside the pod: the fetch step downloads to this path, SGLang loads from it."""
+    source = model["source"]
+    scheme, rest = source.split("://", 1)
+    if scheme == "pvc":
+        _, _, sub_path = rest.partition("/")
+        return f"{PVC_MOUNT}/{sub_path}".rstrip("/")
+    revision = model.get("revision", "main") if scheme == "hf" else ""
+    return "/".join(part for part in (MODEL_CACHE_DIR, scheme, rest.strip("/"), revision) if part)
+
+
+def launch_config(spec: dict[str, Any]) -> LaunchConfig:
+    model, runtime = spec["model"], spec.get("runtime", {})
+    return LaunchConfig(
+        model_path=model_path(model),
+        served_model_name=model["name"],
+        port=runtime.get("port", 30000),
+        tensor_parallel_size=runtime.get("tensorParallelSize", 1),
+        data_parallel_size=runtime.get("dataParallelSize", 1),
+        mem_fraction_static=runtime.get("memFractionStatic"),
+        max_running_requests=runtime.get("maxRunningRequests"),
+        context_length=model.get("contextLength"),
+        quantization=model.get("quantization"),
+        dtype=runtime.get("dtype", "auto"),
+        kv_cache_dtype=runtime.get("kvCacheDtype", "auto"),
+        chunked_prefill_size=runtime.get("chunkedPrefillSize"),
+        log_level=runtime.get("logLevel", "info"),
+        revision=model.get("revision") if model["source"].startswith("hf://") else None,
+        api_key_env=API_KEY_ENV if runtime.get("apiKeySecretRef") else None,
+        model_source=model["source"],
+        extra_args=tuple(runtime.get("extraArgs", [])),
+    )
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["name"], "uid": meta.get("uid", ""),
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _owned(obj: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"]["ownerReferences"] = [owner_reference(body)]
+    return obj
+
+
+def render_configmap(body: dict[str, Any], spec: dict[str, Any], revision: str) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return _owned(_render(
+        "configmap.yaml.j2", name=revision_name(name, revision), namespace=body["metadata"]["namespace"],
+        labels={**instance_labels(name), api.LABEL_REVISION: revision},
+        launch_config_json=launch_config(spec).to_json(),
+    ), body)
+
+
+def _secret_env(env_name: str, ref: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not ref:
+        return []
+    return [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}}]
+
+
+def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str, replicas: int) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    namespace = body["metadata"]["namespace"]
+    runtime = spec.get("runtime", {})
+    model = spec["model"]
+    labels = {**instance_labels(name), api.LABEL_REVISION: revision}
+    selector = {api.LABEL_INSTANCE: name, api.LABEL_REVISION: revision}
+    hf_token = _secret_env("HF_TOKEN", model.get("hfTokenSecretRef"))
+    base_env = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
+    user_env = [{"name": item["name"], "value": item.get("value", "")} for item in runtime.get("env", [])]
+    env = base_env + _secret_env(API_KEY_ENV, runtime.get("apiKeySecretRef")) + hf_token + user_env
+    fetch_env = base_env + hf_token
+    resources_spec = runtime.get("resources", {})
+    requests = {key: resources_spec[key] for key in ("cpu", "memory") if key in resources_spec}
+    limits: dict[str, Any] = {"nvidia.com/gpu": runtime.get("gpusPerReplica", 1)}
+    if "memory" in resources_spec:
+        limits["memory"] = resources_spec["memory"]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": revision_name(name, revision)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": runtime.get("shmSize", "16Gi")}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if model["source"].startswith("pvc://"):
+        claim = model["source"][len("pvc://"):].split("/", 1)[0]
+        volumes.append({"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT, "readOnly": True})
+    else:
+        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": runtime.get("modelCacheSize", "200Gi")}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
+    node_selector = dict(runtime.get("nodeSelector", {}))
+    if runtime.get("gpuType"):
+        node_selector[api.LABEL_GPU_TYPE] = runtime["gpuType"]
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] + \
+        list(runtime.get("tolerations", []))
+    port = runtime.get("port", 30000)
+    deployment = _render(
+        "deployment.yaml.j2",
+        name=revision_name(name, revision), namespace=namespace, labels=labels,
+        annotations={f"{api.GROUP}/model": model["name"]},
+        replicas=replicas, selector=selector, pod_labels=labels,
+        pod_annotations={"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                         "prometheus.io/path": "/metrics"},
+        runtime={**runtime, "port": port,
+                 "terminationGracePeriodSeconds": runtime.get("terminationGracePeriodSeconds", 180),
+                 "image": runtime.get("image"), "imagePullPolicy": runtime.get("imagePullPolicy", "IfNotPresent")},
+        node_selector=node_selector, tolerations=tolerations, config_path=CONFIG_PATH,
+        env=env, fetch_env=fetch_env, resources={"requests": requests, "limits": limits},
+        container_security={"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        startup_failure_threshold=max(6, runtime.get("startupTimeoutSeconds", 1800) // 10),
+        volume_mounts=mounts, volumes=volumes,
+    )
+    return _owned(deployment, body)
+
+
+def render_service(body: dict[str, Any], selector: dict[str, str] | None = None) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return _owned(_render(
+        "service.yaml.j2", name=name, namespace=body["metadata"]["namespace"], labels=instance_labels(name),
+        selector=selector or {api.LABEL_INSTANCE: name, api.LABEL_NAME: api.APP_NAME},
+    ), body)
+
+
+def render_pdb(body: dict[str, Any]) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return _owned(_render(
+        "pdb.yaml.j2", name=name, namespace=body["metadata"]["namespace"], labels=instance_labels(name),
+        selector={api.LABEL_INSTANCE: name, api.LABEL_NAME: api.APP_NAME},
+    ), body)
+
+
+def endpoint_url(body: dict[str, Any]) -> str:
+    meta = body["metadata"]
+    return f"http://{meta['name']}.{meta['namespace']}.svc.cluster.local"
+
+
+def render_all(body: dict[str, Any], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Everything a fresh DigitalWorker gets, for `digital-worker render`."""
+    revision = revision_hash(spec)
+    return [
+        render_configmap(body, spec, revision),
+        render_deployment(body, spec, revision, spec.get("replicas", 1)),
+        render_service(body),
+        render_pdb(body),
+    ]

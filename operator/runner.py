@@ -1,0 +1,101 @@
+"""Run the real kopf operator: in the foreground (`digital-worker run`) or on a thread (dev mode, tests)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any
+
+
+def _import_handlers() -> None:
+    # Registering happens at import: the handlers module is the operator's whole surface.
+    import digital_worker.operator.handlers  # noqa: F401
+
+
+def run_foreground(*, namespaces: list[str] | None, liveness: str | None, peering: str | None,
+                   verbose: bool = False) -> None:
+    import kopf
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _import_handlers()
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces or (),
+        liveness_endpoint=liveness,
+        standalone=peering is None,
+        peering_name=peering or "digital-worker",
+    )
+
+
+class OperatorThread:
+    """The real operator on its own thread and event loop, against the cluster KUBECONFIG points at."""
+
+    def __init__(self, kubeconfig: str, *, resync_seconds: float = 60.0, log_level: int = logging.WARNING,
+                 env: dict[str, str] | None = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.resync_seconds = resync_seconds
+        self.log_level = log_level
+        self.env = env or {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> "OperatorThread":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60) -> None:
+        os.environ["KUBECONFIG"] = self.kubeconfig
+        os.environ["DW_RESYNC_SECONDS"] = str(self.resync_seconds)
+        os.environ.update(self.env)
+        logging.getLogger("kopf").setLevel(self.log_level)
+        self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"operator did not start within {timeout}s: {self.error}")
+        if self.error is not None:
+            raise RuntimeError(f"operator failed to start: {self.error}")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._ready.set()
+
+    async def _run(self) -> None:
+        import kopf
+
+        _import_handlers()
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        ready = asyncio.Event()
+
+        async def mark_ready() -> None:
+            await ready.wait()
+            self._ready.set()
+
+        watcher = asyncio.create_task(mark_ready())
+        try:
+            await kopf.operator(clusterwide=True, standalone=True, ready_flag=ready, stop_flag=self._stop)
+        finally:
+            watcher.cancel()
