@@ -1,0 +1,240 @@
+"""GPU capacity from node and pod lists, and the shift-or-wait planner (pure)."""
+from __future__ import annotations
+
+import pytest
+
+from digital_worker.operator.capacity import (
+    REASON_FITS,
+    REASON_INSUFFICIENT_GPU,
+    REASON_NOTHING_TO_ADD,
+    REASON_SHIFTING,
+    GpuCapacity,
+    GpuNode,
+    Toleration,
+    gpu_capacity,
+    parse_gpu_quantity,
+    plan_capacity,
+    pod_gpu_request,
+)
+from digital_worker.operator.traffic import ReplicaCounts, ReplicaRatioRouter
+
+H100 = "nvidia-h100-80gb"
+
+
+def node(name, gpus, gpu_type=H100, label="digitalworker.io/gpu-type", taints=(), unschedulable=False,
+         ready=True, labels=None):
+    return {
+        "metadata": {"name": name, "labels": {label: gpu_type, **(labels or {})}},
+        "spec": {"taints": list(taints), **({"unschedulable": True} if unschedulable else {})},
+        "status": {
+            "allocatable": {"cpu": "64", "nvidia.com/gpu": str(gpus)},
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def pod(node_name, gpus, phase="Running", init_gpus=None, request_style="limits"):
+    resources = {request_style: {"nvidia.com/gpu": gpus}} if gpus is not None else {}
+    spec = {"nodeName": node_name, "containers": [{"name": "sglang", "resources": resources},
+                                                  {"name": "sidecar", "resources": {"limits": {"cpu": "1"}}}]}
+    if init_gpus is not None:
+        spec["initContainers"] = [{"name": "fetch", "resources": {"limits": {"nvidia.com/gpu": init_gpus}}}]
+    return {"metadata": {"name": f"p-{node_name}-{gpus}"}, "spec": spec, "status": {"phase": phase}}
+
+
+# ---------------------------------------------------------------- counting
+
+
+def test_allocatable_minus_requested_on_matching_nodes():
+    nodes = [node("a", 8), node("b", 8, label="nvidia.com/gpu.product"), node("c", 4, gpu_type="nvidia-l4")]
+    pods = [pod("a", 2), pod("a", 2, request_style="requests"), pod("b", 4), pod("c", 4)]
+    capacity = gpu_capacity(nodes, pods, gpu_type=H100)
+    assert [(n.name, n.allocatable, n.requested, n.free) for n in capacity.nodes] == [("a", 8, 4, 4), ("b", 8, 4, 4)]
+    assert capacity.free_gpus == 8 and capacity.largest_free_block == 4
+    # Any GPU type: the L4 node counts too (and it is full).
+    assert gpu_capacity(nodes, pods).free_gpus == 8 and len(gpu_capacity(nodes, pods).nodes) == 3
+
+
+def test_terminated_pods_release_gpus_but_pending_and_terminating_ones_hold_them():
+    terminating = pod("a", 2)
+    terminating["metadata"]["deletionTimestamp"] = "2026-11-22T01:00:00Z"
+    pods = [pod("a", 2, "Succeeded"), pod("a", 2, "Failed"), pod("a", 1, "Pending"), terminating,
+            pod(None, 4, "Pending"), pod("elsewhere", 4)]
+    capacity = gpu_capacity([node("a", 8)], pods)
+    assert capacity.nodes[0].requested == 3 and capacity.free_gpus == 5
+
+
+def test_init_containers_count_as_the_scheduler_counts_them():
+    assert pod_gpu_request(pod("a", 1, init_gpus=4)) == 4
+    assert pod_gpu_request(pod("a", 2, init_gpus=1)) == 2
+    assert pod_gpu_request(pod("a", None)) == 0
+
+
+def test_nodes_that_cannot_take_pods_are_excluded():
+    gpu_taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    nodes = [
+        node("tainted", 8, taints=[gpu_taint]),
+        node("noexecute", 8, taints=[{"key": "maintenance", "effect": "NoExecute"}]),
+        node("prefer", 8, taints=[{"key": "spot", "effect": "PreferNoSchedule"}]),
+        node("cordoned", 8, unschedulable=True),
+        node("notready", 8, ready=False),
+    ]
+    capacity = gpu_capacity(nodes, [])
+    excluded = {n.name: n.excluded for n in capacity.nodes}
+    assert excluded["prefer"] == ""
+    assert "nvidia.com/gpu=present:NoSchedule" in excluded["tainted"]
+    assert "NoExecute" in excluded["noexecute"]
+    assert "cordoned" in excluded["cordoned"] and excluded["notready"] == "not Ready"
+    assert capacity.free_gpus == 8 and [n.name for n in capacity.usable_nodes] == ["prefer"]
+    # Tolerating the GPU taint (as GPU workloads usually do) opens that node again.
+    tolerated = gpu_capacity(nodes, [], tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                      "effect": "NoSchedule"}])
+    assert tolerated.free_gpus == 16
+
+
+@pytest.mark.parametrize(
+    ("toleration", "tolerates"),
+    [
+        (Toleration("nvidia.com/gpu", "Exists"), True),
+        (Toleration(None, "Exists"), True),  # tolerates everything
+        (Toleration("nvidia.com/gpu", "Equal", "present", "NoSchedule"), True),
+        (Toleration("nvidia.com/gpu", "Equal", "absent", "NoSchedule"), False),
+        (Toleration("nvidia.com/gpu", "Exists", effect="NoExecute"), False),
+        (Toleration("other", "Exists"), False),
+    ],
+)
+def test_toleration_matching(toleration, tolerates):
+    assert toleration.tolerates({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}) is tolerates
+
+
+def test_node_selector_and_client_style_snake_case_dicts():
+    nodes = [node("a", 8, labels={"zone": "x"}), node("b", 8, labels={"zone": "y"})]
+    assert [n.name for n in gpu_capacity(nodes, [], node_selector={"zone": "y"}).nodes] == ["b"]
+    # kubernetes-client `to_dict()` style: snake_case keys in spec/status.
+    client_pod = {"metadata": {"name": "p"}, "spec": {"node_name": "a", "containers": [
+        {"resources": {"limits": {"nvidia.com/gpu": "2"}}}], "init_containers": None}, "status": {"phase": "Running"}}
+    assert gpu_capacity(nodes, [client_pod]).nodes[0].requested == 2
+
+
+@pytest.mark.parametrize(("value", "gpus"), [("4", 4), (4, 4), ("0", 0), (None, 0), ("bad", 0), ("1k", 1000), (-1, 0)])
+def test_parse_gpu_quantity(value, gpus):
+    assert parse_gpu_quantity(value) == gpus
+
+
+def test_fits_counts_whole_replicas_per_node():
+    # 3 + 3 GPUs free on two nodes: six single-GPU replicas, but only two 2-GPU replicas and no 4-GPU one.
+    capacity = gpu_capacity([node("a", 8), node("b", 8)], [pod("a", 5), pod("b", 5)])
+    assert capacity.free_gpus == 6
+    assert capacity.fits(6, 1) and not capacity.fits(7, 1)
+    assert capacity.fits(2, 2) and not capacity.fits(3, 2)
+    assert not capacity.fits(1, 4)
+    assert capacity.fits(0, 8)
+    with pytest.raises(ValueError):
+        capacity.fits(1, 0)
+
+
+# ---------------------------------------------------------------- planner
+
+
+def cap(*free_per_node: int) -> GpuCapacity:
+    return GpuCapacity(None, tuple(GpuNode(f"n{i}", 8, 8 - free) for i, free in enumerate(free_per_node)))
+
+
+def test_plan_proceeds_when_the_canary_fits():
+    decision = plan_capacity(cap(4), current_stable=4, current_canary=0, target_stable=4, target_canary=2,
+                             gpus_per_canary_replica=2)
+    assert (decision.action, decision.stable_replicas, decision.canary_replicas) == ("Proceed", 4, 2)
+    assert decision.reason == REASON_FITS and not decision.waiting
+
+
+def test_plan_adds_what_fits_and_leaves_the_rest():
+    decision = plan_capacity(cap(2, 1), 4, 0, 4, 3, gpus_per_canary_replica=2)
+    assert (decision.action, decision.stable_replicas, decision.canary_replicas) == ("Proceed", 4, 1)
+    assert "1 of 3" in decision.message
+
+
+def test_plan_counts_gpus_freed_by_the_steps_own_scale_down():
+    # Replica ratio without surge: the stable gives one replica back for the canary's one.
+    decision = plan_capacity(cap(0), 4, 0, 3, 1, gpus_per_canary_replica=2)
+    assert (decision.action, decision.stable_replicas, decision.canary_replicas) == ("Proceed", 3, 1)
+    assert "release their GPUs" in decision.message
+
+
+def test_plan_waits_with_insufficient_gpu_when_nothing_can_move():
+    decision = plan_capacity(cap(0), 4, 0, 4, 1, gpus_per_canary_replica=2, max_unavailable=0)
+    assert decision.waiting and decision.reason == REASON_INSUFFICIENT_GPU
+    assert (decision.stable_replicas, decision.canary_replicas) == (4, 0)
+    assert "needs 2 more GPU(s)" in decision.message and "maxUnavailable" in decision.message
+
+
+def test_plan_shifts_when_the_rollout_may_run_a_replica_short():
+    decision = plan_capacity(cap(0), 4, 0, 4, 2, gpus_per_canary_replica=2, max_unavailable=1)
+    assert (decision.action, decision.stable_replicas, decision.canary_replicas) == ("Shift", 3, 1)
+    assert decision.reason == REASON_SHIFTING and "4->3" in decision.message
+    wider = plan_capacity(cap(0), 4, 0, 4, 2, gpus_per_canary_replica=2, max_unavailable=3)
+    # Never frees more than the canary still needs (2), even when allowed 3.
+    assert (wider.stable_replicas, wider.canary_replicas) == (2, 2)
+
+
+def test_plan_never_shifts_when_freed_gpus_cannot_host_a_canary_replica():
+    # Canary needs 4 GPUs per replica (bigger tensor parallel), stable frees 2 per replica: freeing
+    # stable pods on different nodes could leave both revisions short. Wait instead.
+    decision = plan_capacity(cap(0, 0), 4, 0, 4, 1, gpus_per_canary_replica=4, gpus_per_stable_replica=2,
+                             max_unavailable=2)
+    assert decision.waiting and "strand" in decision.message
+    # The other way round, one freed 4-GPU stable pod hosts two 2-GPU canary pods.
+    decision = plan_capacity(cap(0), 4, 0, 4, 2, gpus_per_canary_replica=2, gpus_per_stable_replica=4,
+                             max_unavailable=1)
+    assert (decision.action, decision.stable_replicas, decision.canary_replicas) == ("Shift", 3, 2)
+
+
+def test_plan_keeps_the_last_stable_pod_while_it_serves():
+    decision = plan_capacity(cap(0), 1, 0, 1, 1, gpus_per_canary_replica=1, max_unavailable=1)
+    assert decision.waiting and "no replica it can give up" in decision.message
+
+
+def test_plan_abort_grows_the_stable_into_what_the_canary_frees():
+    decision = plan_capacity(cap(0), 2, 2, 4, 0, gpus_per_canary_replica=2)
+    assert (decision.action, decision.stable_replicas, decision.canary_replicas) == ("Proceed", 4, 0)
+
+
+def test_plan_with_nothing_to_add_and_with_both_growing():
+    assert plan_capacity(cap(0), 4, 1, 3, 1, 2).reason == REASON_NOTHING_TO_ADD
+    both = plan_capacity(cap(4, 2), 2, 1, 3, 2, gpus_per_canary_replica=4, gpus_per_stable_replica=2)
+    assert (both.action, both.stable_replicas, both.canary_replicas) == ("Proceed", 3, 2)
+    too_much = plan_capacity(cap(2, 2), 2, 1, 3, 2, gpus_per_canary_replica=4, gpus_per_stable_replica=2)
+    assert too_much.waiting and (too_much.stable_replicas, too_much.canary_replicas) == (2, 1)
+
+
+def test_plan_rejects_bad_inputs():
+    with pytest.raises(ValueError):
+        plan_capacity(cap(1), 1, 0, 1, 1, gpus_per_canary_replica=0)
+    with pytest.raises(ValueError):
+        plan_capacity(cap(1), -1, 0, 1, 1, gpus_per_canary_replica=1)
+
+
+def test_full_cluster_canary_rollout_never_strands_both_revisions():
+    """Tick by tick: a full 8-GPU node runs 4 stable replicas of 2 GPUs; the canary goes 25 -> 50 ->
+    100% through the replica-ratio router, each plan checked by the capacity planner, pods bound
+    as GPUs allow. At every tick, stable + canary replicas that hold GPUs serve >= 3 replicas' worth."""
+    router = ReplicaRatioRouter(max_surge=1, max_unavailable=1)
+    total, gpus = 4, 2
+    counts = ReplicaCounts(stable=4, canary=0)
+    node_gpus = 8
+    history = []
+    for weight in (25, 50, 100):
+        for _ in range(10):
+            plan = router.plan(total, weight, counts)
+            used = (counts.stable + counts.canary) * gpus
+            capacity = GpuCapacity(None, (GpuNode("n0", node_gpus, used),))
+            decision = plan_capacity(capacity, counts.stable, counts.canary, plan.stable_replicas,
+                                     plan.canary_replicas, gpus, max_unavailable=1)
+            assert not decision.waiting, decision.message
+            counts = ReplicaCounts(decision.stable_replicas, decision.canary_replicas)
+            assert (counts.stable + counts.canary) * gpus <= node_gpus
+            assert counts.stable + counts.canary >= total - 1
+            history.append((counts.stable, counts.canary))
+            if (counts.stable, counts.canary) == (plan.stable_replicas, plan.canary_replicas) and plan.settled:
+                break
+    assert history[-1] == (0, 4)
+    assert (3, 1) in history and (2, 2) in history
