@@ -9,7 +9,7 @@ digital_worker.agents.nvml_fake`` (or ``DW_NVML_BACKEND``). Configuration, read 
 
 - ``DW_FAKE_NVML``: JSON (or ``@/path/to.json``) like ``{"gpus": 8, "unsupported": {"0":
   ["nvmlDeviceGetPcieReplayCounter"]}, "lost": [3], "no_xid_events": [5], "gpu": {"2":
-  {"temperature": 90}}}``.
+  {"temperature": 90}}, "uuid_seed": 1}``.
 - ``DW_FAKE_NVML_EVENTS``: a file the fake tails for injected XID events, one ``<gpu-index> <xid>``
   per line, so a test can inject a fault into an agent running as a separate process.
 
@@ -109,9 +109,9 @@ _define_error_classes()
 class _FakeDevice:
     """One simulated GPU: plausible H100-like readings that tests may overwrite."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, uuid_seed: int = 0) -> None:
         self.index = index
-        self.uuid = f"GPU-fa4e0000-0000-4000-8000-{index:012d}"
+        self.uuid = f"GPU-fa4e{uuid_seed:04x}-0000-4000-8000-{index:012d}"
         self.name = "NVIDIA H100 80GB HBM3"
         self.pci_bus_id = f"00000000:{0x18 + index:02X}:00.0"
         self.readings = {
@@ -156,10 +156,11 @@ def _check(device: _FakeDevice, function: str) -> None:
 # --- test controls (not part of pynvml) -------------------------------------------------------
 
 def fake_configure(gpus: int = 8, unsupported: dict | None = None, lost=(), no_xid_events=(),
-                   gpu: dict | None = None) -> None:
-    """Reset the simulated node to `gpus` devices; the same keys as the DW_FAKE_NVML JSON."""
+                   gpu: dict | None = None, uuid_seed: int = 0) -> None:
+    """Reset the simulated node to `gpus` devices; the same keys as the DW_FAKE_NVML JSON.
+    `uuid_seed` gives each simulated node its own GPU UUIDs."""
     with _state.lock:
-        _state.devices = [_FakeDevice(index) for index in range(int(gpus))]
+        _state.devices = [_FakeDevice(index, int(uuid_seed)) for index in range(int(gpus))]
         for index, functions in (unsupported or {}).items():
             _state.devices[int(index)].unsupported.update(functions)
         for index in lost:
