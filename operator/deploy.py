@@ -63,11 +63,9 @@ def operator_args(
         "--liveness", f"http://0.0.0.0:{HEALTH_PORT}{HEALTH_PATH}",
         "--peering", PEERING_NAME,
     ]
-    if watch_namespaces:
-        for namespace in watch_namespaces:
-            args += ["--namespace", namespace]
-    else:
-        args.append("--all-namespaces")
+    # No --namespace at all means cluster-wide (the run command's default).
+    for namespace in watch_namespaces or ():
+        args += ["--namespace", namespace]
     if prometheus_url:
         args += ["--prometheus-url", prometheus_url]
     return args

@@ -29,6 +29,8 @@ DEFAULT_K3S_INSTALLER_URL = "https://get.k3s.io"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_TYPE_LABEL = "digitalworker.io/gpu-type"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+# What GPU feature discovery sets and the node agent DaemonSet selects on.
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 DEFAULT_GPU_TAINT = "nvidia.com/gpu=present:NoSchedule"
 
 # NVIDIA's documented repository setup for the container toolkit on apt and dnf hosts; used only
@@ -114,13 +116,25 @@ def validate_plan(plan: NodePlan) -> list[str]:
     return problems
 
 
-def gpu_type_from_product(product: str) -> str:
-    """`NVIDIA H100 80GB HBM3` -> `h100`, `NVIDIA A10G` -> `a10g`, `Tesla T4` -> `t4`."""
+# Marketed memory sizes (GB) nvidia-smi's MiB are snapped to: 81559 MiB is an "80GB" H100.
+_MARKETED_GB = (8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 94, 96, 141, 180, 192)
+
+
+def gpu_type_from_product(product: str, memory_mib: int = 0) -> str:
+    """The `digitalworker.io/gpu-type` value: `NVIDIA H100 80GB HBM3`, 81559 MiB -> `nvidia-h100-80gb`.
+
+    Same spelling as the AWS node groups use (`stacks/aws.py`), so one DigitalWorker `gpuType`
+    schedules the same way on either target.
+    """
     words = [w for w in re.split(r"[\s_]+", product.strip()) if w]
     while words and words[0].lower() in ("nvidia", "tesla", "geforce", "quadro", "rtx"):
         words.pop(0)
-    first = (words[0] if words else product).split("-")[0]
-    return re.sub(r"[^a-z0-9]", "", first.lower()) or "unknown"
+    model = re.sub(r"[^a-z0-9]", "", (words[0] if words else product).split("-")[0].lower()) or "unknown"
+    if memory_mib <= 0:
+        return f"nvidia-{model}"
+    gib = memory_mib / 1024
+    marketed = min(_MARKETED_GB, key=lambda size: abs(size - gib))
+    return f"nvidia-{model}-{marketed}gb"
 
 
 def product_label_value(product: str) -> str:
@@ -132,8 +146,9 @@ def gpu_labels(plan: NodePlan, gpus: list[Gpu]) -> dict[str, str]:
     """The labels the operator schedules on, plus whatever the stack adds."""
     product = gpus[0].product
     labels = {
+        GPU_PRESENT_LABEL: "true",
         GPU_PRODUCT_LABEL: product_label_value(product),
-        GPU_TYPE_LABEL: plan.gpu_type or gpu_type_from_product(product),
+        GPU_TYPE_LABEL: plan.gpu_type or gpu_type_from_product(product, gpus[0].memory_mib),
         GPU_COUNT_LABEL: str(len(gpus)),
     }
     labels.update(plan.labels)

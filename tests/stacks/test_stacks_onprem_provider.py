@@ -77,11 +77,12 @@ def test_server_and_agent_become_labelled_tainted_gpu_nodes(fleet, provider):
 
     node_a, node_b = fleet.node("gpu-a"), fleet.node("gpu-b")
     assert node_a["metadata"]["labels"] == {
-        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "digitalworker.io/gpu-type": "a100",
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "digitalworker.io/gpu-type": "nvidia-a100-80gb",
         "nvidia.com/gpu.count": "2", "pool": "prod",
     }
     assert node_b["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
-    assert node_b["metadata"]["labels"]["digitalworker.io/gpu-type"] == "h100"
+    assert node_b["metadata"]["labels"]["digitalworker.io/gpu-type"] == "nvidia-h100-80gb"
     for node in (node_a, node_b):
         assert node["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
     # The agent joined with the server's token (the fake installer rejects any other).
@@ -117,7 +118,7 @@ def test_label_and_taint_changes_are_in_place_updates(fleet, provider):
     host = fleet.add_host("gpu-a")
     props = host_props(fleet, host, "server", k3s_token=TOKEN, labels={"pool": "prod", "team": "a"})
     created = provider.create(props)
-    news = dict(props, labels={"pool": "batch"}, taints=["nvidia.com/gpu=present:NoExecute"], gpu_type="a100-80gb")
+    news = dict(props, labels={"pool": "batch"}, taints=["nvidia.com/gpu=present:NoExecute"], gpu_type="nvidia-a100-80gb-sxm")
 
     diff = provider.diff(created.id, created.outs, news)
     assert diff.changes is True and diff.replaces == []
@@ -125,7 +126,7 @@ def test_label_and_taint_changes_are_in_place_updates(fleet, provider):
 
     labels = fleet.node("gpu-a")["metadata"]["labels"]
     assert labels["pool"] == "batch" and "team" not in labels  # a label we managed and dropped is removed
-    assert labels["digitalworker.io/gpu-type"] == "a100-80gb"
+    assert labels["digitalworker.io/gpu-type"] == "nvidia-a100-80gb-sxm"
     assert fleet.node("gpu-a")["spec"]["taints"] == [
         {"key": "nvidia.com/gpu", "value": "present", "effect": "NoExecute"}]
     assert fleet.installs() == ["gpu-a server"]  # labels and taints never reinstall k3s
@@ -196,7 +197,7 @@ def test_host_dropping_mid_install_fails_clearly_and_records_nothing(fleet, prov
     # The host is back (its sshd listener survived): the same create now completes.
     created = provider.create(props)
     assert fleet.node("gpu-b") is not None and agent_host.marker.exists()
-    assert created.outs["applied_labels"]["digitalworker.io/gpu-type"] == "a100"
+    assert created.outs["applied_labels"]["digitalworker.io/gpu-type"] == "nvidia-a100-80gb"
 
 
 def test_unreachable_host_is_a_clear_error(fleet, provider):

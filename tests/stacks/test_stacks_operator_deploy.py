@@ -101,10 +101,23 @@ def test_watch_namespaces_and_prometheus_url_reach_the_operator_args():
     ))["Deployment"]
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["team-a", "team-b"]
-    assert "--all-namespaces" not in args
     assert args[args.index("--prometheus-url") + 1] == "http://prom.ops.svc:9090"
     cluster_wide = by_kind(deploy.operator_manifests("ops", "op:1"))["Deployment"]
-    assert "--all-namespaces" in cluster_wide["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace" not in cluster_wide["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_operator_args_parse_with_the_real_run_command():
+    import argparse
+
+    from digital_worker.operator import commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(deploy.operator_args(watch_namespaces=["a", "b"], prometheus_url="http://p:9090"))
+    assert args.command == "run" and args.namespaces == ["a", "b"]
+    assert args.liveness == "http://0.0.0.0:8080/healthz" and args.peering == deploy.PEERING_NAME
+    assert args.prometheus_url == "http://p:9090"
+    assert parser.parse_args(deploy.operator_args()).namespaces is None
 
 
 def test_metrics_service_selects_the_operator_pods_on_9090():
