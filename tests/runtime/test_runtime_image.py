@@ -1,0 +1,198 @@
+"""The image build, for real: the docker SDK against `podman system service` (Docker Engine API) on a
+unix socket, with a base image imported from a busybox rootfs tarball made here."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from digital_worker.runtime.contract import DEFAULT_IMAGE, SGLANG_VERSION
+from digital_worker.runtime.image import (
+    ImageBuildError,
+    build_image,
+    default_image_tag,
+    prepare_context,
+    render_dockerfile,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = []
+cgroups = "disabled"
+
+[engine]
+events_logger = "file"
+cgroup_manager = "cgroupfs"
+"""
+
+
+class PodmanService:
+    """`podman system service` on a unix socket, with its own storage (vfs) under a temp folder."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "podman.sock"
+        self.url = f"unix://{self.socket}"
+        (workdir / "containers.conf").write_text(CONTAINERS_CONF)
+        self.env = {**os.environ, "CONTAINERS_CONF": str(workdir / "containers.conf")}
+        self.base_args = ["podman", "--storage-driver=vfs", f"--root={workdir / 'root'}",
+                          f"--runroot={workdir / 'runroot'}"]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.workdir / "service.log", "wb")
+        self.process = subprocess.Popen([*self.base_args, "system", "service", "--time=0", self.url],
+                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd="/")
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"podman service did not start: {(self.workdir / 'service.log').read_text()}")
+            time.sleep(0.1)
+
+    def import_busybox(self, reference: str) -> None:
+        rootfs = self.workdir / "rootfs"
+        (rootfs / "bin").mkdir(parents=True)
+        shutil.copy(shutil.which("busybox"), rootfs / "bin" / "busybox")
+        with tarfile.open(self.workdir / "rootfs.tar", "w") as archive:
+            archive.add(rootfs, arcname=".")
+        subprocess.run([*self.base_args, "import", str(self.workdir / "rootfs.tar"), reference],
+                       env=self.env, check=True, capture_output=True, cwd="/")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory):
+    if shutil.which("podman") is None or shutil.which("busybox") is None:
+        pytest.fail("Debian's podman and busybox-static packages are needed (.ci/run installs them)")
+    service = PodmanService(tmp_path_factory.mktemp("podman"))
+    service.start()
+    try:
+        service.import_busybox("localhost/sglang-base:test")
+        yield service
+    finally:
+        service.stop()
+
+
+def image_files(client, reference: str) -> dict[str, bytes]:
+    """Every regular file in the image's layers (the later layer wins), from `docker save`."""
+    saved = io.BytesIO(b"".join(client.images.get(reference).save()))
+    files: dict[str, bytes] = {}
+    with tarfile.open(fileobj=saved) as outer:
+        manifest = json.load(outer.extractfile("manifest.json"))
+        for layer in manifest[0]["Layers"]:
+            with tarfile.open(fileobj=outer.extractfile(layer)) as inner:
+                for member in inner.getmembers():
+                    if member.isfile():
+                        files[member.name.lstrip("./")] = inner.extractfile(member).read()
+    return files
+
+
+def test_dockerfile_is_copy_only_and_pins_the_base():
+    text = render_dockerfile()
+    assert f"FROM {DEFAULT_IMAGE}" in text and f'sglang-version="{SGLANG_VERSION}"' in text
+    instructions = {line.split()[0] for line in text.splitlines() if line and not line.startswith((" ", "#"))}
+    assert instructions <= {"FROM", "LABEL", "COPY", "ENV", "ENTRYPOINT", "CMD"}
+    assert '"digital_worker.runtime", "launch"' in text
+
+
+def test_default_tag_names_both_versions():
+    assert default_image_tag().endswith(f"-sglang{SGLANG_VERSION}")
+
+
+def test_bad_references_are_rejected_before_any_connection():
+    with pytest.raises(ImageBuildError, match="tag"):
+        build_image("localhost/base:1", "Bad Tag!", docker_host="unix:///nonexistent.sock")
+    with pytest.raises(ImageBuildError, match="base"):
+        build_image("not a ref", "localhost/x:1", docker_host="unix:///nonexistent.sock")
+
+
+def test_unreachable_engine_is_one_line(tmp_path):
+    with pytest.raises(ImageBuildError, match="docker_host|build failed"):
+        build_image("localhost/base:1", "localhost/x:1", docker_host=f"unix://{tmp_path}/absent.sock")
+
+
+def test_build_through_podman_and_the_payload_runs(podman, tmp_path):
+    import docker
+
+    lines: list[str] = []
+    result = build_image("localhost/sglang-base:test", "localhost/dw-sglang:test", docker_host=podman.url,
+                         progress=lines.append)
+    assert result.image_id.startswith("sha256:") and not result.pushed
+    assert any("COPY digital_worker" in line for line in lines)  # the engine's progress was streamed
+
+    client = docker.DockerClient(base_url=podman.url)
+    try:
+        image = client.images.get("localhost/dw-sglang:test")
+        assert image.attrs["Config"]["Entrypoint"] == ["python3", "-m", "digital_worker.runtime", "launch"]
+        assert image.labels["io.digitalworker.sglang-version"] == SGLANG_VERSION
+        assert "PYTHONPATH=/opt/digital-worker" in image.attrs["Config"]["Env"]
+        files = image_files(client, "localhost/dw-sglang:test")
+    finally:
+        client.close()
+    assert "bin/busybox" in files  # the base layer is there
+    payload = {name: data for name, data in files.items() if name.startswith("opt/digital-worker/")}
+    assert "opt/digital-worker/digital_worker/runtime/launcher.py" in payload
+    assert not any("/operator/" in name or "__pycache__" in name for name in payload)
+
+    # The image cannot run here, so run its Python payload the way its entrypoint would: no site
+    # packages (so not this checkout's install), PYTHONPATH=/opt/digital-worker.
+    root = tmp_path / "image-root"
+    for name, data in payload.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    config = tmp_path / "runtime.json"
+    config.write_text(json.dumps({"model_path": "/models/m", "served_model_name": "m"}))
+    run = subprocess.run([sys.executable, "-S", "-m", "digital_worker.runtime", "launch", "--config", str(config),
+                          "--dry-run"], env={"PYTHONPATH": str(root / "opt/digital-worker"), "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)[1:5] == ["-m", "sglang.launch_server", "--model-path", "/models/m"]
+
+
+def test_missing_base_image_fails_in_one_line(podman):
+    with pytest.raises(ImageBuildError, match="base: build failed"):
+        build_image("localhost/no-such-base:1", "localhost/dw-sglang:never", docker_host=podman.url)
+
+
+def test_push_to_an_unreachable_registry_is_reported(podman):
+    tag = f"127.0.0.1:{free_port()}/dw-sglang:test"
+    with pytest.raises(ImageBuildError, match="push of"):
+        build_image("localhost/sglang-base:test", tag, docker_host=podman.url, push=True)
+
+
+def test_cli_build_prints_the_image_id(podman, tmp_path):
+    context = tmp_path / "context"
+    result = subprocess.run(
+        [shutil.which("digital-worker"), "runtime", "image", "build", "--base", "localhost/sglang-base:test",
+         "--tag", "localhost/dw-sglang:cli", "--docker-host", podman.url, "--context-dir", str(context)],
+        capture_output=True, text=True, timeout=180, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("sha256:")
+    assert "Successfully tagged" in result.stderr  # progress goes to stderr, the id to stdout
+    assert (context / "Dockerfile").is_file()  # --context-dir keeps the context for inspection
+
+
+def test_prepare_context_lays_out_the_package(tmp_path):
+    context = prepare_context(tmp_path / "ctx")
+    assert (context / "digital_worker" / "__init__.py").is_file()
+    assert (context / "digital_worker" / "runtime" / "templates" / "Dockerfile.j2").is_file()
+    assert (context / "digital_worker" / "runtime" / "sglang_entry.py").is_file()
