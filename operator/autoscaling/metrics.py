@@ -1,0 +1,294 @@
+"""Where the autoscaler's metric history comes from: Prometheus, or an in-process scraper.
+
+`MetricsSource.history(selector, window_seconds, step, now=None) -> MetricHistory`:
+`selector` is a PromQL label matcher chosen by the operator, e.g. ``job="dw-ai-support-bot"`` or
+``namespace="team-a",model_name="qwen2.5-7b"``. Both forms of SGLang's metric names are accepted
+(``sglang:num_queue_reqs`` as SGLang registers them, ``sglang_num_queue_reqs`` as
+prometheus_client renders them for OpenMetrics scrapes).
+
+Sources never raise for an unreachable backend: they return `MetricHistory.failed(reason)`, and
+the policy holds (never scales down blind).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import urllib.request
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable, Mapping, Protocol
+
+from .history import (
+    GENERATION_TOKEN_RATE,
+    GPU_MEMORY_USED,
+    GPU_UTILIZATION,
+    KV_CACHE_USAGE,
+    METRIC_NAMES,
+    PROMPT_TOKEN_RATE,
+    QUEUE_LENGTH,
+    REQUEST_RATE,
+    RUNNING_REQUESTS,
+    TTFT_P95,
+    MetricHistory,
+)
+
+
+class MetricsSource(Protocol):
+    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
+        ...
+
+
+def sglang_name(metric: str) -> str:
+    """A `__name__` matcher accepting both `sglang:` and `sglang_` spellings."""
+    return f'__name__=~"sglang[:_]{metric}"'
+
+
+def _matchers(metric: str, selector: str) -> str:
+    selector = selector.strip().strip("{}").strip()
+    return "{" + sglang_name(metric) + (f",{selector}" if selector else "") + "}"
+
+
+def promql_queries(selector: str, rate_window_seconds: float) -> dict[str, str]:
+    """The PromQL for each series of a MetricHistory (GPU series only with a DCGM-style exporter)."""
+    window = f"{max(1, int(round(rate_window_seconds)))}s"
+    raw_selector = selector.strip().strip("{}").strip()
+    return {
+        REQUEST_RATE: f"sum(rate({_matchers('num_requests_total', selector)}[{window}]))",
+        PROMPT_TOKEN_RATE: f"sum(rate({_matchers('prompt_tokens_total', selector)}[{window}]))",
+        GENERATION_TOKEN_RATE: f"sum(rate({_matchers('generation_tokens_total', selector)}[{window}]))",
+        QUEUE_LENGTH: f"sum({_matchers('num_queue_reqs', selector)})",
+        RUNNING_REQUESTS: f"sum({_matchers('num_running_reqs', selector)})",
+        KV_CACHE_USAGE: f"max({_matchers('token_usage', selector)})",
+        TTFT_P95: (
+            "histogram_quantile(0.95, sum by (le) "
+            f"(rate({_matchers('time_to_first_token_seconds_bucket', selector)}[{window}])))"
+        ),
+        GPU_UTILIZATION: f"avg(DCGM_FI_DEV_GPU_UTIL{{{raw_selector}}}) / 100",
+        GPU_MEMORY_USED: (
+            f"sum(DCGM_FI_DEV_FB_USED{{{raw_selector}}}) / "
+            f"(sum(DCGM_FI_DEV_FB_USED{{{raw_selector}}}) + sum(DCGM_FI_DEV_FB_FREE{{{raw_selector}}}))"
+        ),
+    }
+
+
+class PrometheusMetricsSource:
+    """History via Prometheus' query_range (through prometheus-api-client)."""
+
+    def __init__(self, url: str, *, timeout_seconds: float = 5.0, rate_window_seconds: float | None = None,
+                 include_gpu: bool = True) -> None:
+        from prometheus_api_client import PrometheusConnect
+
+        self.url = url
+        self.timeout_seconds = timeout_seconds
+        self.rate_window_seconds = rate_window_seconds
+        self.include_gpu = include_gpu
+        self._client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_seconds)
+
+    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
+        now = time.time() if now is None else now
+        step = max(1.0, float(step))
+        rate_window = self.rate_window_seconds or max(60.0, 2 * step)
+        queries = promql_queries(selector, rate_window)
+        if not self.include_gpu:
+            queries.pop(GPU_UTILIZATION)
+            queries.pop(GPU_MEMORY_USED)
+        start = datetime.fromtimestamp(now - window_seconds, tz=timezone.utc)
+        end = datetime.fromtimestamp(now, tz=timezone.utc)
+        columns: dict[str, dict[float, float]] = {}
+        for name, query in queries.items():
+            try:
+                result = self._client.custom_query_range(query, start_time=start, end_time=end, step=f"{step:g}s",
+                                                         timeout=self.timeout_seconds)
+            except Exception as exc:  # connection refused, timeout, 5xx: hold, do not crash the tick
+                if name in (GPU_UTILIZATION, GPU_MEMORY_USED):
+                    continue  # optional series; the SGLang ones decide whether we can act
+                return MetricHistory.failed(f"Prometheus at {self.url}: {type(exc).__name__}: {exc}"[:300])
+            points: dict[float, float] = {}
+            for series in result or []:
+                for timestamp, value in series.get("values", []):
+                    number = float(value)
+                    if math.isnan(number) or math.isinf(number):
+                        continue
+                    points[float(timestamp)] = number
+            columns[name] = points
+        timestamps = sorted({t for points in columns.values() for t in points})
+        rows = [(t, {name: points[t] for name, points in columns.items() if t in points}) for t in timestamps]
+        return MetricHistory.from_rows(rows, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default: scrape the replicas ourselves, keep a short history in memory
+
+
+def histogram_quantile(quantile: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile on cumulative (upper bound, count) pairs; None when empty."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = quantile * total
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return previous_bound
+            if count == previous_count:
+                return bound
+            return previous_bound + (bound - previous_bound) * (rank - previous_count) / (count - previous_count)
+        previous_bound, previous_count = bound, count
+    return previous_bound
+
+
+@dataclass(frozen=True)
+class ScrapeSample:
+    """Raw cumulative values of one scrape of all of one DigitalWorker's replicas."""
+
+    time: float
+    requests_total: float
+    prompt_tokens_total: float
+    generation_tokens_total: float
+    queue: float
+    running: float
+    token_usage: float
+    ttft_buckets: tuple[tuple[float, float], ...]
+
+
+def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
+    """Sum the SGLang metrics of several replicas' /metrics pages (either name spelling)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"num_requests": 0.0, "prompt_tokens": 0.0, "generation_tokens": 0.0,
+              "num_queue_reqs": 0.0, "num_running_reqs": 0.0}
+    usage = 0.0
+    buckets: dict[float, float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            name = family.name.replace("sglang:", "sglang_")
+            if not name.startswith("sglang_"):
+                continue
+            short = name[len("sglang_"):]
+            for sample in family.samples:
+                sample_name = sample.name.replace("sglang:", "sglang_")[len("sglang_"):]
+                if short in ("num_requests", "prompt_tokens", "generation_tokens") and sample_name.endswith("_total"):
+                    totals[short] += sample.value
+                elif short in ("num_queue_reqs", "num_running_reqs") and sample_name == short:
+                    totals[short] += sample.value
+                elif short == "token_usage" and sample_name == short:
+                    usage = max(usage, sample.value)
+                elif short == "time_to_first_token_seconds" and sample_name.endswith("_bucket"):
+                    bound = float(sample.labels.get("le", "inf"))
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return ScrapeSample(now, totals["num_requests"], totals["prompt_tokens"], totals["generation_tokens"],
+                        totals["num_queue_reqs"], totals["num_running_reqs"], usage,
+                        tuple(sorted(buckets.items())))
+
+
+def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:
+    elapsed = current.time - previous.time
+    if elapsed <= 0:
+        return {}
+
+    def rate(a: float, b: float) -> float:
+        # A counter that went down is a restarted replica: count from zero, like Prometheus does.
+        return (b - a if b >= a else b) / elapsed
+
+    values = {
+        REQUEST_RATE: rate(previous.requests_total, current.requests_total),
+        PROMPT_TOKEN_RATE: rate(previous.prompt_tokens_total, current.prompt_tokens_total),
+        GENERATION_TOKEN_RATE: rate(previous.generation_tokens_total, current.generation_tokens_total),
+        QUEUE_LENGTH: current.queue,
+        RUNNING_REQUESTS: current.running,
+        KV_CACHE_USAGE: current.token_usage,
+    }
+    before = dict(previous.ttft_buckets)
+    delta = [(bound, max(0.0, count - before.get(bound, 0.0))) for bound, count in current.ttft_buckets]
+    p95 = histogram_quantile(0.95, delta)
+    if p95 is not None:
+        values[TTFT_P95] = p95
+    return values
+
+
+class InMemoryMetricsSource:
+    """A bounded in-memory history per selector, fed by `record` (the scraper) or by tests."""
+
+    def __init__(self, retention_seconds: float = 3 * 86400.0) -> None:
+        self.retention_seconds = retention_seconds
+        self._series: dict[str, deque[tuple[float, dict[str, float]]]] = {}
+        self._last_scrape: dict[str, ScrapeSample] = {}
+        self._lock = threading.Lock()
+
+    def record(self, selector: str, timestamp: float, values: Mapping[str, float]) -> None:
+        with self._lock:
+            rows = self._series.setdefault(selector, deque())
+            rows.append((float(timestamp), dict(values)))
+            horizon = timestamp - self.retention_seconds
+            while rows and rows[0][0] < horizon:
+                rows.popleft()
+
+    def record_scrape(self, selector: str, sample: ScrapeSample) -> None:
+        """Turn cumulative counters into rates against the previous scrape of the same selector."""
+        previous = self._last_scrape.get(selector)
+        self._last_scrape[selector] = sample
+        if previous is not None:
+            values = _rates(previous, sample)
+            if values:
+                self.record(selector, sample.time, values)
+
+    def forget(self, selector: str) -> None:
+        with self._lock:
+            self._series.pop(selector, None)
+            self._last_scrape.pop(selector, None)
+
+    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
+        now = time.time() if now is None else now
+        step = max(1e-3, float(step))
+        with self._lock:
+            rows = list(self._series.get(selector, ()))
+        start = now - window_seconds
+        times = [t for t, _ in rows]
+        out = []
+        # One row per step: the newest sample at or before each grid point, within one step.
+        grid_point = start + step
+        while grid_point <= now + 1e-9:
+            index = bisect_right(times, grid_point) - 1
+            if index >= 0 and grid_point - times[index] < step:
+                out.append((times[index], rows[index][1]))
+            grid_point += step
+        deduplicated = []
+        for row in out:
+            if not deduplicated or deduplicated[-1][0] != row[0]:
+                deduplicated.append(row)
+        return MetricHistory.from_rows(deduplicated, step)
+
+
+class InProcessScraper:
+    """Scrapes replicas' /metrics pages into an `InMemoryMetricsSource` (the embedded default)."""
+
+    def __init__(self, source: InMemoryMetricsSource, timeout_seconds: float = 3.0) -> None:
+        self.source = source
+        self.timeout_seconds = timeout_seconds
+
+    def _fetch(self, url: str) -> str:
+        request = urllib.request.Request(url, headers={"Accept": "text/plain; version=0.0.4"})
+        with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
+            return response.read().decode("utf-8", "replace")
+
+    def scrape(self, selector: str, addresses: Iterable[str], now: float | None = None) -> int:
+        """Scrape `host:port` addresses (or full URLs) once; returns how many answered.
+
+        When none answers nothing is recorded, so the history goes stale and the policy holds.
+        """
+        texts = []
+        for address in addresses:
+            url = address if address.startswith("http") else f"http://{address}/metrics"
+            try:
+                texts.append(self._fetch(url))
+            except Exception:
+                continue  # a replica that is starting or gone: the others still count
+        if texts:
+            sample = parse_sglang_exposition(texts, time.time() if now is None else now)
+            self.source.record_scrape(selector, sample)
+        return len(texts)

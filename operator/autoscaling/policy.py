@@ -1,0 +1,264 @@
+"""The forecast-driven autoscaling policy: pure `decide(context) -> (decision, new_state)`.
+
+Per tick:
+1. Hold on missing or stale metrics (never scale down blind; scale up still allowed when the
+   replicas we have are visibly overloaded by the last good samples).
+2. Capacity: requests/s one replica sustains within the TTFT SLO, starting from
+   `targetRequestsPerReplica` and learned from observed (per-replica load, TTFT p95) pairs.
+3. Proactive target: the forecast's upper-quantile peak demand over the provisioning lead time
+   (cold start, learned from readiness history, plus one tick) divided by capacity.
+4. Reactive safety net: the current demand divided by capacity, and an immediate step up when
+   queue length, KV-cache usage or TTFT p95 breach their thresholds, whatever the forecast says.
+5. Scale up at once; scale down only to the highest recommendation of the stabilization window,
+   at most `maxStepReplicas` at a time; clamp to [min, max]; optional scale-to-zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .forecast import Forecast
+from .history import KV_CACHE_USAGE, QUEUE_LENGTH, REQUEST_RATE, TTFT_P95, MetricHistory
+from .spec import AutoscalingSpec
+
+SCALE_UP = "ScaleUp"
+SCALE_DOWN = "ScaleDown"
+HOLD = "Hold"
+
+HOLD_METRICS_STALE = "MetricsStale"
+HOLD_METRICS_MISSING = "MetricsMissing"
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired_replicas: int
+    action: str  # ScaleUp | ScaleDown | Hold
+    reason: str
+    hold_condition: str | None = None  # e.g. MetricsStale: the caller sets a condition and an Event
+    capacity_rps: float | None = None
+    forecast: Forecast | None = None
+    warning: str | None = None  # e.g. the cold-start warning of scale-to-zero
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    now: float
+    spec: AutoscalingSpec
+    replicas: int  # currently requested
+    ready_replicas: int
+    history: MetricHistory  # recent samples, tick resolution
+    forecast: Forecast | None = None  # from the cached fit, for the lead time below
+    state: object | None = None
+
+
+@dataclass(frozen=True)
+class ForecastPolicyState:
+    recommendations: tuple[tuple[float, int], ...] = ()  # (time, raw target) in the stabilization window
+    capacity_rps: float | None = None  # learned; None: the spec's starting value
+    cold_start_seconds: float | None = None  # learned from readiness history
+    scale_up_started: tuple[float, int] | None = None  # (when, target) of an unfinished scale-up
+    last_scale_time: float | None = None
+    last_demand_time: float | None = None  # last time any demand was seen (scale-to-zero)
+    previous_ready: int | None = None  # ready replicas at the previous tick
+    overload_streak: int = 0  # consecutive ticks breaking the SLO at a steady fleet
+    breach_streak: int = 0  # consecutive ticks with a reactive threshold breached
+
+
+def lead_time_seconds(spec: AutoscalingSpec, state: ForecastPolicyState | None) -> float:
+    """How far ahead to provision: cold start (spec, else learned, else 180 s) plus one tick."""
+    if spec.forecast.horizon_seconds:
+        return float(spec.forecast.horizon_seconds)
+    cold_start = spec.cold_start_seconds
+    if cold_start is None and state is not None:
+        cold_start = state.cold_start_seconds
+    if cold_start is None:
+        cold_start = 180.0
+    return cold_start + spec.interval_seconds
+
+
+def replicas_for(demand_rps: float, capacity_rps: float) -> int:
+    if demand_rps <= 0:
+        return 0
+    # A hair of tolerance so 3.0000001 demand-units do not buy a fourth replica.
+    return max(0, math.ceil(demand_rps / capacity_rps - 1e-6))
+
+
+class ForecastPolicy:
+    """Ours. Stateless object (configuration only); the state travels in the context."""
+
+    name = "forecast"
+    # How long a stale sample is still trusted, in ticks.
+    STALE_TICKS = 3
+    # Share of the fleet added per consecutive tick of a breached threshold.
+    BREACH_STEP = 0.1
+
+    def initial_state(self) -> ForecastPolicyState:
+        return ForecastPolicyState()
+
+    # -- capacity -------------------------------------------------------------------------------
+    def _learn_capacity(self, context: PolicyContext, state: ForecastPolicyState) -> ForecastPolicyState:
+        spec, history = context.spec, context.history
+        rate = history.latest(REQUEST_RATE)
+        ttft = history.latest(TTFT_P95)
+        queue = history.latest(QUEUE_LENGTH) or 0.0
+        ready = context.ready_replicas
+        steady = ready == context.replicas and ready == state.previous_ready
+        state = replace(state, previous_ready=ready)
+        # Only a steady fleet gives clean evidence: while replicas come and go, the samples of
+        # the last interval were served by a different number of replicas than `ready`.
+        if rate is None or ttft is None or ready <= 0 or rate <= 0 or not steady:
+            return state
+        per_replica = rate / ready
+        slo = spec.slo_ttft_p95_seconds
+        start = spec.target_requests_per_replica
+        capacity = state.capacity_rps or start
+        streak = 0
+        if ttft > slo and queue > 0 and per_replica <= 1.1 * capacity:
+            # The SLO broke at (or below) the load we call sustainable: real traffic is burstier
+            # or prompts longer than assumed. Step the estimate down a little at a time, so one
+            # burst costs little and a real shortfall is corrected within minutes.
+            streak = state.overload_streak + 1
+            capacity = max(0.3 * start, capacity * (0.97 if streak < 3 else 0.9))
+        elif ttft <= 0.5 * slo and queue <= ready and per_replica >= 0.9 * capacity:
+            # Comfortably within the SLO at close to the estimate: probe upwards slowly.
+            capacity = min(3.0 * start, capacity * 1.01)
+        return replace(state, capacity_rps=capacity, overload_streak=streak)
+
+    # -- cold start -----------------------------------------------------------------------------
+    def _learn_cold_start(self, context: PolicyContext, state: ForecastPolicyState) -> ForecastPolicyState:
+        if state.scale_up_started is None:
+            return state
+        started, target = state.scale_up_started
+        if context.ready_replicas >= target:
+            measured = context.now - started
+            previous = state.cold_start_seconds
+            learned = measured if previous is None else 0.7 * previous + 0.3 * measured
+            return replace(state, cold_start_seconds=learned, scale_up_started=None)
+        if context.replicas < target:  # someone scaled down meanwhile: this sample is void
+            return replace(state, scale_up_started=None)
+        return state
+
+    # -- decide ---------------------------------------------------------------------------------
+    def decide(self, context: PolicyContext) -> tuple[Decision, ForecastPolicyState]:
+        spec = context.spec
+        state = context.state if isinstance(context.state, ForecastPolicyState) else self.initial_state()
+        state = self._learn_cold_start(context, state)
+        current = context.replicas
+        history = context.history
+        staleness = history.staleness(context.now, REQUEST_RATE)
+        rate = history.latest(REQUEST_RATE)
+
+        if history.error is not None or rate is None:
+            condition = HOLD_METRICS_MISSING
+            why = history.error or "no request-rate samples"
+            return self._hold(context, state, condition, f"holding at {current}: metrics unavailable ({why})")
+        if staleness > self.STALE_TICKS * max(spec.interval_seconds, history.step_seconds):
+            return self._hold(
+                context, state, HOLD_METRICS_STALE,
+                f"holding at {current}: newest metrics are {staleness:.0f}s old",
+            )
+
+        state = self._learn_capacity(context, state)
+        capacity = state.capacity_rps or spec.target_requests_per_replica
+        if rate > 0 or (history.latest(QUEUE_LENGTH) or 0) > 0:
+            state = replace(state, last_demand_time=context.now)
+
+        reasons: list[str] = []
+        reactive_target = replicas_for(rate, capacity)
+        target = reactive_target
+        reasons.append(f"demand {rate:.2f} req/s needs {reactive_target} at {capacity:.2f} req/s per replica")
+
+        forecast = context.forecast
+        if forecast is not None:
+            proactive_target = replicas_for(forecast.upper, capacity)
+            if proactive_target > target:
+                target = proactive_target
+                reasons.append(
+                    f"forecast p{forecast.quantile * 100:g} peak {forecast.upper:.2f} req/s within "
+                    f"{forecast.horizon_seconds:.0f}s needs {proactive_target}"
+                )
+
+        breach = self._breach(context)
+        state = replace(state, breach_streak=state.breach_streak + 1 if breach else 0)
+        if breach:
+            # Step up at once, by 10% of the fleet per consecutive breaching tick (at least one
+            # replica): a first breach is usually the edge of capacity, a lasting one is not.
+            ready = max(1, context.ready_replicas)
+            stepped = max(current, ready) + max(1, math.ceil(ready * self.BREACH_STEP * state.breach_streak))
+            if stepped > target:
+                target = stepped
+            reasons.append(breach)
+
+        warning = None
+        if spec.scale_to_zero:
+            queue_now = history.latest(QUEUE_LENGTH) or 0.0
+            if current == 0 and (rate > 0 or queue_now > 0):
+                target = max(target, 1)
+                reasons.append("demand arrived while scaled to zero")
+            idle_since = state.last_demand_time if state.last_demand_time is not None else context.now
+            if state.last_demand_time is None:
+                state = replace(state, last_demand_time=context.now)
+            idle_long = context.now - idle_since >= spec.scale_down.stabilization_seconds
+            if target == 0 and idle_long:
+                warning = (
+                    "scaled to zero: the next request waits a full cold start "
+                    f"(~{lead_time_seconds(spec, state) - spec.interval_seconds:.0f}s)"
+                )
+                reasons.append(f"no demand for {context.now - idle_since:.0f}s")
+            else:
+                target = max(target, 1, spec.min_replicas)
+        else:
+            target = max(target, spec.min_replicas)
+        target = min(spec.max_replicas, target)
+
+        # Stabilization: scale down only to the highest recommendation in the window.
+        window_start = context.now - spec.scale_down.stabilization_seconds
+        recommendations = tuple((t, r) for t, r in state.recommendations if t > window_start) + ((context.now, target),)
+        state = replace(state, recommendations=recommendations)
+        desired = target
+        if target < current:
+            stabilized = max(r for _, r in recommendations)
+            desired = max(target, min(current, stabilized), current - spec.scale_down.max_step_replicas)
+            if desired > target:
+                reasons.append(f"scale-down stabilised ({spec.scale_down.stabilization_seconds:.0f}s window, "
+                               f"max step {spec.scale_down.max_step_replicas})")
+        desired = min(spec.max_replicas, max(0 if spec.scale_to_zero else spec.min_replicas, desired))
+
+        action = SCALE_UP if desired > current else SCALE_DOWN if desired < current else HOLD
+        if action != HOLD:
+            state = replace(state, last_scale_time=context.now)
+        if action == SCALE_UP:
+            state = replace(state, scale_up_started=(context.now, desired))
+        decision = Decision(
+            desired_replicas=desired,
+            action=action,
+            reason="; ".join(reasons),
+            capacity_rps=capacity,
+            forecast=forecast,
+            warning=warning if desired == 0 else None,
+        )
+        return decision, state
+
+    def _breach(self, context: PolicyContext) -> str | None:
+        spec, history = context.spec, context.history
+        ready = max(1, context.ready_replicas)
+        queue = history.latest(QUEUE_LENGTH)
+        if queue is not None and queue > spec.reactive.queue_length_per_replica * ready:
+            return f"queue {queue:.0f} above {spec.reactive.queue_length_per_replica:g} per replica"
+        kv = history.latest(KV_CACHE_USAGE)
+        if kv is not None and kv > spec.reactive.kv_cache_usage:
+            return f"KV-cache usage {kv:.0%} above {spec.reactive.kv_cache_usage:.0%}"
+        ttft = history.latest(TTFT_P95)
+        if ttft is not None and ttft > spec.reactive_ttft_seconds:
+            return f"TTFT p95 {ttft:.2f}s above {spec.reactive_ttft_seconds:g}s"
+        return None
+
+    def _hold(self, context: PolicyContext, state: ForecastPolicyState, condition: str, reason: str):
+        """No trustworthy metrics: keep what we have, except an obvious emergency step up is not possible
+        without metrics either, so hold exactly (within min/max)."""
+        spec = context.spec
+        desired = min(spec.max_replicas, max(spec.floor_replicas, context.replicas))
+        action = SCALE_UP if desired > context.replicas else SCALE_DOWN if desired < context.replicas else HOLD
+        decision = Decision(desired, action, reason, hold_condition=condition,
+                            capacity_rps=state.capacity_rps or spec.target_requests_per_replica)
+        return decision, state
