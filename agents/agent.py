@@ -59,6 +59,7 @@ class AgentConfig:
     nvml_backend: str | None = None
     pod_resources_socket: str | None = DEFAULT_SOCKET
     pod_resources_refresh: float = 10.0
+    pod_resources_transport: str = "http2"
     nvml_retry: float = 60.0
 
 
@@ -78,7 +79,8 @@ class NodeAgent:
         self.hostname = config.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
         nvml = nvml if nvml is not None else (load_nvml(config.nvml_backend) or _NoNvml())
         self.collector = GpuCollector(nvml, self.hostname, nvml_retry_seconds=config.nvml_retry)
-        self.attribution = PodAttribution(config.pod_resources_socket, config.pod_resources_refresh)
+        self.attribution = PodAttribution(config.pod_resources_socket, config.pod_resources_refresh,
+                                          config.pod_resources_transport)
         self.xid_watcher: XidWatcher | None = None
         self.metrics_body = b""
         self.last_loop = 0.0

@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="kubelet PodResources socket; empty string disables pod attribution")
     agent.add_argument("--pod-resources-refresh", type=_positive_float, default=10.0,
                        help="seconds between PodResources List calls (default 10)")
+    agent.add_argument("--pod-resources-client", choices=["http2", "grpcio"], default="http2",
+                       help="how to call the kubelet: our small HTTP/2 client (default) or grpcio (+18 MB RSS)")
     agent.add_argument("--nvml-retry", type=_positive_float, default=60.0,
                        help="seconds between NVML init attempts while no driver answers (default 60)")
     agent.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -69,7 +71,8 @@ def _run_agent(args: argparse.Namespace) -> int:
         port=args.port, listen_address=args.listen_address, interval=args.interval,
         node_name=args.node_name, nvml_backend=args.nvml_backend,
         pod_resources_socket=args.pod_resources_socket or None,
-        pod_resources_refresh=args.pod_resources_refresh, nvml_retry=args.nvml_retry,
+        pod_resources_refresh=args.pod_resources_refresh, pod_resources_transport=args.pod_resources_client,
+        nvml_retry=args.nvml_retry,
     )
     return main(config, args.log_level)
 

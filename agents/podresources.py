@@ -3,8 +3,8 @@
 The kubelet serves ``v1.PodResourcesLister`` on ``/var/lib/kubelet/pod-resources/kubelet.sock``;
 ``List`` returns every pod with the device IDs its containers were given. For ``nvidia.com/gpu`` the
 NVIDIA device plugin hands out GPU UUIDs (``GPU-…``); with time-slicing they carry a ``::<n>``
-replica suffix, which we strip. grpc is imported only when the socket exists, so nodes without it
-do not pay its memory.
+replica suffix, which we strip. The call goes over our own small HTTP/2 client (h2grpc) unless
+the grpcio transport is asked for; protobuf is imported only once the socket exists.
 """
 from __future__ import annotations
 
@@ -38,29 +38,49 @@ def gpu_owners_from_response(response, resource_prefixes=GPU_RESOURCE_PREFIXES) 
 
 
 class PodResourcesClient:
-    """A small client of the kubelet's v1 PodResourcesLister on a unix socket."""
+    """A small client of the kubelet's v1 PodResourcesLister on a unix socket.
 
-    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0) -> None:
-        import grpc
+    transport "http2" (default) speaks the one unary call itself (digital_worker.agents.h2grpc) and
+    needs only protobuf; "grpcio" uses the generated stubs and costs about 18 MB more RSS.
+    """
 
-        from digital_worker.agents import api_pb2, api_pb2_grpc
+    LIST_METHOD = "/v1.PodResourcesLister/List"
 
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0, transport: str = "http2") -> None:
+        from digital_worker.agents import api_pb2
+
+        if transport not in ("http2", "grpcio"):
+            raise ValueError(f"transport must be http2 or grpcio, got {transport!r}")
         self.socket_path = socket_path
         self.timeout = timeout
+        self.transport = transport
         self._api = api_pb2
-        # The kubelet answers with the whole node's pods; a big node can exceed grpc's 4 MiB default.
-        self._channel = grpc.insecure_channel(
-            f"unix://{socket_path}", options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
-        self._stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
+        self._channel = None
+        if transport == "grpcio":
+            import grpc
+
+            from digital_worker.agents import api_pb2_grpc
+
+            # The kubelet answers with the whole node's pods; a big node can exceed grpc's 4 MiB default.
+            self._channel = grpc.insecure_channel(
+                f"unix://{socket_path}", options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+            self._stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
 
     def list(self):
-        return self._stub.List(self._api.ListPodResourcesRequest(), timeout=self.timeout)
+        request = self._api.ListPodResourcesRequest()
+        if self._channel is not None:
+            return self._stub.List(request, timeout=self.timeout)
+        from digital_worker.agents.h2grpc import unary_call
+
+        answer = unary_call(self.socket_path, self.LIST_METHOD, request.SerializeToString(), self.timeout)
+        return self._api.ListPodResourcesResponse.FromString(answer)
 
     def gpu_owners(self) -> dict[str, tuple[GpuOwner, ...]]:
         return gpu_owners_from_response(self.list())
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
 
 class PodAttribution:
@@ -70,8 +90,10 @@ class PodAttribution:
     said once in the log, and `up` stays False. Errors and a vanished socket keep the last good map.
     """
 
-    def __init__(self, socket_path: str | None = DEFAULT_SOCKET, refresh_seconds: float = 10.0) -> None:
+    def __init__(self, socket_path: str | None = DEFAULT_SOCKET, refresh_seconds: float = 10.0,
+                 transport: str = "http2") -> None:
         self.socket_path = socket_path
+        self.transport = transport
         self.refresh_seconds = refresh_seconds
         self.owners: dict[str, tuple[GpuOwner, ...]] = {}
         self.up = False
@@ -98,7 +120,7 @@ class PodAttribution:
             return self.owners
         try:
             if self._client is None:
-                self._client = PodResourcesClient(self.socket_path)
+                self._client = PodResourcesClient(self.socket_path, transport=self.transport)
             self.owners = self._client.gpu_owners()
             self.up = True
             self._error_logged = False

@@ -14,6 +14,7 @@ class PodResourcesServicer(api_pb2_grpc.PodResourcesListerServicer):
     def __init__(self) -> None:
         self.pods: list[api_pb2.PodResources] = []
         self.calls = 0
+        self.fail_with: tuple | None = None  # (grpc.StatusCode, details): answer with that error
         self.lock = threading.Lock()
 
     def set_pods(self, assignments: list[tuple[str, str, str, str, list[str]]]) -> None:
@@ -28,6 +29,8 @@ class PodResourcesServicer(api_pb2_grpc.PodResourcesListerServicer):
             self.pods = list(pods.values())
 
     def List(self, request, context):
+        if self.fail_with is not None:
+            context.abort(*self.fail_with)
         with self.lock:
             self.calls += 1
             return api_pb2.ListPodResourcesResponse(pod_resources=self.pods)

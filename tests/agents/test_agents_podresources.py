@@ -102,3 +102,66 @@ def test_agent_labels_gpu_series_with_the_pod(kubelet):
     assert 'digital_worker_pod_resources_up{Hostname="gpu-node-1"} 1' in text
     gpu0 = [line for line in text.splitlines() if line.startswith('DCGM_FI_DEV_GPU_UTIL{gpu="0"')]
     assert gpu0 and 'pod="' not in gpu0[0]
+
+
+def test_both_transports_agree_on_a_big_node(kubelet):
+    # ~2500 pods: a response of several hundred KB, many DATA frames, past the default 64 KB window.
+    assignments = [(f"pod-{i:05d}", f"ns-{i % 7}", "main", "nvidia.com/gpu", [f"GPU-{i:08x}-aaaa-bbbb-cccc-dddddddddddd"])
+                   for i in range(2500)]
+    kubelet.servicer.set_pods(assignments)
+    light = PodResourcesClient(kubelet.socket_path, transport="http2")
+    heavy = PodResourcesClient(kubelet.socket_path, transport="grpcio")
+    try:
+        response = light.list()
+        assert response.ByteSize() > 200_000
+        assert response == heavy.list()
+        owners = light.gpu_owners()
+    finally:
+        light.close()
+        heavy.close()
+    assert len(owners) == 2500
+    assert owners["GPU-000009c3-aaaa-bbbb-cccc-dddddddddddd"] == (GpuOwner("pod-02499", "ns-0", "main"),)
+
+
+def test_grpc_errors_and_dead_sockets_raise(kubelet, tmp_path):
+    import grpc
+
+    from digital_worker.agents.h2grpc import GrpcCallError, unary_call
+
+    kubelet.servicer.fail_with = (grpc.StatusCode.UNAVAILABLE, "kubelet shutting down")
+    with pytest.raises(GrpcCallError, match="without a response message"):
+        PodResourcesClient(kubelet.socket_path).list()
+    with pytest.raises(GrpcCallError):
+        unary_call(kubelet.socket_path, "/v1.PodResourcesLister/NoSuchMethod", b"", timeout=5)
+    import socket as socket_module
+
+    stale = str(tmp_path / "stale.sock")
+    listener = socket_module.socket(socket_module.AF_UNIX)
+    listener.bind(stale)
+    listener.close()  # the file stays, nobody listens: a kubelet that died
+    with pytest.raises(GrpcCallError, match="cannot connect"):
+        unary_call(stale, "/v1.PodResourcesLister/List", b"", timeout=2)
+
+
+def test_the_light_transport_never_imports_grpcio(kubelet):
+    import subprocess
+    import sys
+
+    kubelet.servicer.set_pods([("worker-a", "team", "sglang", "nvidia.com/gpu", [UUID0])])
+    code = (
+        "import sys\n"
+        "from digital_worker.agents.agent import AgentConfig, NodeAgent\n"
+        "from digital_worker.agents import nvml_fake\n"
+        "nvml_fake.fake_configure(gpus=1)\n"
+        f"agent = NodeAgent(AgentConfig(pod_resources_socket={kubelet.socket_path!r}), nvml=nvml_fake)\n"
+        "agent.collector.start(); agent.collect_once()\n"
+        "assert 'pod=\"worker-a\"' in agent.metrics_body.decode()\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('grpc', 'kopf', 'statsmodels', 'pulumi', 'prometheus_client', 'kubernetes', 'aiohttp'))\n"
+        "heavy += [m for m in sys.modules if m.startswith('digital_worker.') and "
+        "not m.startswith('digital_worker.agents')]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
