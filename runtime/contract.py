@@ -29,7 +29,9 @@ ALLOWED_EXTRA_ARGS: dict[str, bool] = {
     "--max-total-tokens": True,
     "--schedule-policy": True,
     "--schedule-conservativeness": True,
-    "--cuda-graph-max-bs": True,
+    # SGLang 0.5.23 split --cuda-graph-max-bs into a decode and a prefill limit.
+    "--cuda-graph-max-bs-decode": True,
+    "--cuda-graph-max-bs-prefill": True,
     "--disable-cuda-graph": False,
     "--disable-radix-cache": False,
     "--enable-torch-compile": False,
