@@ -17,6 +17,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -90,6 +91,14 @@ def wait_ready(port: int, process: subprocess.Popen, timeout: float = 30) -> Non
     raise TimeoutError("agent not ready")
 
 
+def agent_command() -> list[str]:
+    """The deployed command (`digital-worker agent`, as the DaemonSet runs it) when installed."""
+    script = shutil.which("digital-worker")
+    if script:
+        return [script, "agent"]
+    return [sys.executable, "-m", "digital_worker.agents", "agent"]
+
+
 def measure(pod_resources: str | None, seconds: float, scrapes: int, interval: float) -> dict:
     """`pod_resources`: None (no socket), "http2" (our client, the default) or "grpcio"."""
     workdir = tempfile.mkdtemp(prefix="dw-agent-bench-")
@@ -98,7 +107,7 @@ def measure(pod_resources: str | None, seconds: float, scrapes: int, interval: f
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DW_")}
     env["DW_FAKE_NVML"] = json.dumps({"gpus": GPUS})
-    argv = [sys.executable, "-m", "digital_worker.agents", "agent", "--port", str(port),
+    argv = [*agent_command(), "--port", str(port),
             "--listen-address", "127.0.0.1", "--interval", str(interval), "--node-name", "bench-node",
             "--nvml-backend", "digital_worker.agents.nvml_fake", "--log-level", "WARNING",
             "--pod-resources-socket", socket_path if pod_resources else "",
@@ -239,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_target": {key: round(headline[key] / target, 3) for key, target in TARGETS.items()},
         "rss_ratio_grpcio_over_http2": round(runs["grpcio"]["rss_mb"] / headline["rss_mb"], 2),
         "gpus": GPUS,
+        "command": " ".join(agent_command()),
         "interval_seconds": args.interval,
         "runs": runs,
         "rendering": rendering,

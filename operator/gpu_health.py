@@ -10,7 +10,8 @@ take more than `max_unavailable_share` of the replicas down at once (a flood of 
 nodes is held back and reported, not obeyed).
 
 `decide` is pure; `fetch_gpu_health` (Prometheus over plain HTTP) and `apply_gpu_health_decision`
-(the kubernetes client) are the only parts that talk to anything, at the bottom.
+(the kubernetes client) are the only parts that talk to anything, at the bottom. `fetch_gpu_load`
+gives the autoscaling policy GPU utilisation and memory as optional extra signals.
 """
 from __future__ import annotations
 
@@ -267,6 +268,64 @@ def fetch_gpu_health(prom_url: str, timeout: float = 5.0) -> list[GpuHealthSampl
     if payload.get("status") != "success":
         raise GpuHealthUnavailable(f"GPU health query to {prom_url} answered {payload.get('error', payload)}")
     return samples_from_query_result(payload.get("data", {}).get("result", []))
+
+
+# --- GPU load: an optional extra signal for the autoscaling policy ------------------------------------
+
+METRIC_UTIL = "DCGM_FI_DEV_GPU_UTIL"
+METRIC_FB_USED = "DCGM_FI_DEV_FB_USED"
+METRIC_FB_FREE = "DCGM_FI_DEV_FB_FREE"
+LOAD_QUERY = '{__name__=~"' + "|".join((METRIC_UTIL, METRIC_FB_USED, METRIC_FB_FREE)) + '"}'
+
+
+@dataclass(frozen=True)
+class GpuLoad:
+    """GPU load of one worker's pods: mean utilisation and the fullest GPU's memory, both 0..1."""
+
+    gpus: int
+    mean_utilisation: float
+    max_memory_used_fraction: float
+
+
+def gpu_load_from_query_result(result: list[dict], namespace: str, pods) -> GpuLoad | None:
+    """Fold a LOAD_QUERY result into the load of the GPUs held by `pods` in `namespace`."""
+    wanted = set(pods)
+    per_gpu: dict[tuple[str, str], dict[str, float]] = {}
+    for series in result:
+        labels = series.get("metric", {})
+        pod = labels.get("exported_pod") or labels.get("pod")
+        pod_namespace = labels.get("exported_namespace") or labels.get("namespace")
+        if pod not in wanted or pod_namespace != namespace:
+            continue
+        try:
+            value = float(series["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+        if math.isnan(value):
+            continue
+        node = labels.get("node") or labels.get("Hostname") or ""
+        per_gpu.setdefault((node, labels.get("UUID") or labels.get("gpu", "")), {})[labels.get("__name__", "")] = value
+    utilisations = [gpu[METRIC_UTIL] / 100.0 for gpu in per_gpu.values() if METRIC_UTIL in gpu]
+    memory = [gpu[METRIC_FB_USED] / (gpu[METRIC_FB_USED] + gpu[METRIC_FB_FREE]) for gpu in per_gpu.values()
+              if METRIC_FB_USED in gpu and METRIC_FB_FREE in gpu and gpu[METRIC_FB_USED] + gpu[METRIC_FB_FREE] > 0]
+    if not utilisations and not memory:
+        return None
+    return GpuLoad(gpus=len(per_gpu),
+                   mean_utilisation=round(sum(utilisations) / len(utilisations), 4) if utilisations else 0.0,
+                   max_memory_used_fraction=round(max(memory), 4) if memory else 0.0)
+
+
+def fetch_gpu_load(prom_url: str, namespace: str, pods, timeout: float = 5.0) -> GpuLoad | None:
+    """GPU load of a worker's pods from Prometheus; None when no GPU of theirs is reported."""
+    url = prom_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": LOAD_QUERY})
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise GpuHealthUnavailable(f"GPU load query to {prom_url} failed: {exc}") from exc
+    if payload.get("status") != "success":
+        raise GpuHealthUnavailable(f"GPU load query to {prom_url} answered {payload.get('error', payload)}")
+    return gpu_load_from_query_result(payload.get("data", {}).get("result", []), namespace, pods)
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------

@@ -109,3 +109,12 @@ def test_help_on_every_level():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
         assert exit_info.value.code == 0
+
+
+def test_through_the_digital_worker_command():
+    from digital_worker.cli import main
+
+    assert main(["agent-manifests", "--namespace", "BAD", "--image", "i"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["agent", "--help"])
+    assert exit_info.value.code == 0

@@ -175,3 +175,23 @@ def test_query_result_folds_into_one_sample_per_gpu():
                                                uncorrectable_ecc=0.0, remap_failure=False, healthy=False)
     assert by_uuid["GPU-0"].pod == "w-2" and by_uuid["GPU-0"].namespace == NS and by_uuid["GPU-0"].healthy is None
     assert by_uuid["GPU-3"].fault() == "79" and by_uuid["GPU-0"].fault() is None
+
+
+def test_gpu_load_of_a_workers_pods():
+    from digital_worker.operator.gpu_health import gpu_load_from_query_result
+
+    def series(name, value, pod, gpu, namespace=NS, node="n1"):
+        return {"metric": {"__name__": name, "pod": pod, "namespace": namespace, "gpu": gpu, "UUID": f"{node}-{gpu}",
+                           "Hostname": node}, "value": [0, str(value)]}
+
+    result = [
+        series("DCGM_FI_DEV_GPU_UTIL", 80, "w-1", "0"), series("DCGM_FI_DEV_FB_USED", 60000, "w-1", "0"),
+        series("DCGM_FI_DEV_FB_FREE", 20000, "w-1", "0"),
+        series("DCGM_FI_DEV_GPU_UTIL", 40, "w-2", "1"), series("DCGM_FI_DEV_FB_USED", 40000, "w-2", "1"),
+        series("DCGM_FI_DEV_FB_FREE", 40000, "w-2", "1"),
+        series("DCGM_FI_DEV_GPU_UTIL", 100, "someone-else", "2"),
+        series("DCGM_FI_DEV_GPU_UTIL", 100, "w-1", "3", namespace="other"),
+    ]
+    load = gpu_load_from_query_result(result, NS, ["w-1", "w-2"])
+    assert (load.gpus, load.mean_utilisation, load.max_memory_used_fraction) == (2, 0.6, 0.75)
+    assert gpu_load_from_query_result(result, NS, ["w-9"]) is None

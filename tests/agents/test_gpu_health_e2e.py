@@ -150,3 +150,19 @@ def test_injected_xid_replaces_the_pod_taints_the_node_and_records_events(tmp_pa
             for kubelet in kubelets.values():
                 kubelet.__exit__()
             api_client.close()
+
+
+def test_fetch_gpu_load_from_attributed_agent(tmp_path, prometheus):
+    from digital_worker.operator.gpu_health import fetch_gpu_load
+
+    socket_path = f"/tmp/dw-load-{os.getpid()}.sock"
+    with FakeKubelet(socket_path) as kubelet:
+        kubelet.servicer.set_pods([("worker-a", NAMESPACE, "sglang", "nvidia.com/gpu", [fake_uuid(0, 0)]),
+                                   ("worker-b", NAMESPACE, "sglang", "nvidia.com/gpu", [fake_uuid(0, 1)])])
+        with AgentProcess(tmp_path, fake_gpus=3, pod_resources_socket=socket_path,
+                          fake_config={"gpu": {"0": {"gpu_util": 90}, "1": {"gpu_util": 30}}}) as agent:
+            prometheus.set_targets("gpu-agent", [f"127.0.0.1:{agent.port}"])
+            prometheus.wait_for('DCGM_FI_DEV_GPU_UTIL{pod=~"worker-.*"}', timeout=30, predicate=lambda r: len(r) == 2)
+            load = fetch_gpu_load(prometheus.url, NAMESPACE, ["worker-a", "worker-b"])
+    assert load.gpus == 2 and load.mean_utilisation == 0.6
+    assert load.max_memory_used_fraction == round(60000 / 81559, 4)
