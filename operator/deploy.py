@@ -177,10 +177,15 @@ def deployment(
 
 
 def metrics_service(namespace: str) -> dict[str, Any]:
+    metadata = _metadata(f"{OPERATOR_NAME}-metrics", namespace)
+    # For annotation-driven Prometheus setups; the Prometheus Operator uses a ServiceMonitor instead.
+    metadata["annotations"] = {
+        "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics",
+    }
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(f"{OPERATOR_NAME}-metrics", namespace),
+        "metadata": metadata,
         "spec": {
             "type": "ClusterIP",
             "selector": {"app.kubernetes.io/name": OPERATOR_NAME},
