@@ -166,3 +166,31 @@ def test_fetch_gpu_load_from_attributed_agent(tmp_path, prometheus):
             load = fetch_gpu_load(prometheus.url, NAMESPACE, ["worker-a", "worker-b"])
     assert load.gpus == 2 and load.mean_utilisation == 0.6
     assert load.max_memory_used_fraction == round(60000 / 81559, 4)
+
+
+def test_apply_keeps_other_taints_and_tolerates_gone_pods():
+    kubernetes = pytest.importorskip("kubernetes")
+    from digital_worker.operator.emulator import EmulatedCluster, SimulatedNode
+    from digital_worker.operator.gpu_health import GpuHealthDecision, GpuHealthEvent, NodeTaint, PodReplacement
+
+    with EmulatedCluster(nodes=[SimulatedNode("gpu-node-1")], namespaces=("default", NAMESPACE),
+                         pod_simulator=False) as cluster:
+        api_client = kubernetes.config.new_client_from_config(config_file=str(cluster.kubeconfig_path))
+        core = kubernetes.client.CoreV1Api(api_client)
+        try:
+            core.patch_node("gpu-node-1", {"spec": {"taints": [
+                {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]}})
+            first = GpuHealthDecision(
+                taint_nodes=(NodeTaint("gpu-node-1", "79"),),
+                delete_pods=(PodReplacement("already-gone", "gpu-node-1", "79", "0", "GPU-0"),),
+                events=(GpuHealthEvent("Node", "gpu-node-1", "GpuUnhealthy", "GPU 0 reported fatal XID 79"),))
+            apply_gpu_health_decision(core, NAMESPACE, first)
+            # A later fault with another XID on the same node replaces our taint's value, never duplicates it.
+            apply_gpu_health_decision(core, NAMESPACE, GpuHealthDecision(taint_nodes=(NodeTaint("gpu-node-1", "48"),)))
+            taints = [(t.key, t.value, t.effect) for t in core.read_node("gpu-node-1").spec.taints]
+            assert taints == [("nvidia.com/gpu", "present", "NoSchedule"), (TAINT_KEY, "48", "NoSchedule")]
+            events = core.list_namespaced_event("default").items
+            assert [(e.reason, e.type, e.source.component) for e in events] == [
+                ("GpuUnhealthy", "Warning", "digital-worker-operator")]
+        finally:
+            api_client.close()
