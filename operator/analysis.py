@@ -19,6 +19,7 @@ Inconclusive runs pause the rollout for a human, `failureLimit` consecutive Fail
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Mapping
@@ -530,6 +531,41 @@ def _settled_result(state: AnalysisState, spec: AnalysisSpec) -> AnalysisResult:
                           next_run_at(state, spec))
 
 
+# ---------------------------------------------------------------- presentation
+
+
+_RATE_METRICS = (ERROR_RATE, HTTP_ERROR_RATE, KV_USAGE)
+_SECONDS_METRICS = (TTFT_P95, ITL_P95, E2E_P95)
+
+
+def format_metric_value(metric: str, value: float | None) -> str:
+    """A measurement as a person reads it: 4.2%, 380ms, 1.25s, 3."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if metric in _RATE_METRICS:
+        return f"{value * 100:.2f}%"
+    if metric in _SECONDS_METRICS:
+        return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+    return f"{value:.4g}"
+
+
+def check_rows(checks: tuple[CheckResult, ...] | list[CheckResult]) -> list[dict[str, str]]:
+    """Rows for `digital-worker status`: check, canary value, stable value, limit, verdict."""
+    rows = []
+    for check in checks:
+        relative = check.name in dict(_RELATIVE_CHECKS)
+        limit = (f"<= {check.threshold:g}x stable" if relative
+                 else f"<= {format_metric_value(check.metric, check.threshold)}")
+        rows.append({
+            "check": check.name,
+            "canary": format_metric_value(check.metric, check.value),
+            "stable": format_metric_value(check.metric, check.baseline) if relative else "",
+            "limit": limit,
+            "verdict": check.verdict.value,
+        })
+    return rows
+
+
 # ---------------------------------------------------------------- small helpers
 
 
@@ -587,9 +623,12 @@ def measure_run(
     canary_matchers: LabelMatchers,
     stable_matchers: LabelMatchers | None = None,
     http_errors: HttpErrorSource | None = None,
+    at: float | None = None,
 ) -> RunMeasurements:
     """Ask the provider for one run's numbers (the only function here that does I/O)."""
     canary_queries, stable_queries = run_queries(spec, canary_matchers, stable_matchers, http_errors)
-    canary = provider.measure_all(canary_queries)
-    stable = provider.measure_all(stable_queries) if stable_queries else None
+    # One evaluation time for both revisions: "relative to stable over the same window".
+    at = time.time() if at is None else at
+    canary = provider.measure_all(canary_queries, at)
+    stable = provider.measure_all(stable_queries, at) if stable_queries else None
     return RunMeasurements(canary, stable)

@@ -39,12 +39,23 @@ E2E_P95 = "e2e_p95"
 QUEUE_LENGTH = "queue_length"
 KV_USAGE = "kv_usage"
 
+# Labels the operator makes Prometheus attach to every sample scraped from a DigitalWorker's pods
+# (relabelled from the pod labels digitalworker.io/revision and digitalworker.io/instance).
+REVISION_LABEL = "digitalworker_io_revision"
+INSTANCE_LABEL = "digitalworker_io_instance"
+NAMESPACE_LABEL = "namespace"
+
 # A label matcher value: "value" means `=`; ("=~", "a|b") picks the operator.
 MatcherValue = str | tuple[str, str]
 LabelMatchers = Mapping[str, MatcherValue]
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _OPERATORS = ("=", "!=", "=~", "!~")
+
+
+def revision_matchers(namespace: str, instance: str, revision: str) -> dict[str, str]:
+    """The label matchers selecting one revision of one DigitalWorker."""
+    return {NAMESPACE_LABEL: namespace, INSTANCE_LABEL: instance, REVISION_LABEL: revision}
 
 
 @dataclass(frozen=True)
@@ -74,10 +85,12 @@ class MetricProvider(ABC):
     """Turns a query into a measurement. Implementations must not raise."""
 
     @abstractmethod
-    def measure(self, query: MetricQuery) -> Measurement: ...
+    def measure(self, query: MetricQuery, at: float | None = None) -> Measurement:
+        """Evaluate `query` at unix time `at` (None: the backend's now)."""
 
-    def measure_all(self, queries: Mapping[str, MetricQuery]) -> dict[str, Measurement]:
-        return {name: self.measure(query) for name, query in queries.items()}
+    def measure_all(self, queries: Mapping[str, MetricQuery], at: float | None = None) -> dict[str, Measurement]:
+        """Every query at one evaluation time, so a run's windows line up across revisions."""
+        return {name: self.measure(query, at) for name, query in queries.items()}
 
 
 # ---------------------------------------------------------------- PromQL builders
@@ -277,9 +290,10 @@ class PrometheusProvider(MetricProvider):
             )
         return self._client
 
-    def measure(self, query: MetricQuery) -> Measurement:
+    def measure(self, query: MetricQuery, at: float | None = None) -> Measurement:
+        params = {"time": f"{at:.3f}"} if at is not None else None
         try:
-            result = self._connect().custom_query(query.promql)
+            result = self._connect().custom_query(query.promql, params=params)
         except Exception as exc:  # connection refused, timeout, HTTP 4xx/5xx, bad JSON: never raise
             return Measurement(query, None, 0, f"{type(exc).__name__}: {_first_line(str(exc))}")
         return measurement_from_result(query, result)

@@ -215,6 +215,10 @@ def test_analysis_against_real_prometheus(fleet):
     assert stable[QUEUE_LENGTH].value == pytest.approx(3, abs=0.6)
     assert healthy[KV_USAGE].value == pytest.approx(0.42)
 
+    # Evaluated an hour ago, before any of this existed: an empty result, not an error.
+    past = provider.measure(revision_queries(matchers("stable"), WINDOW_SECONDS)[REQUEST_COUNT], at=time.time() - 3600)
+    assert past.value is None and past.series_count == 0 and past.error is None
+
     # A healthy canary (underscore form) against the stable (colon form): every check passes.
     run = measure_run(provider, spec, matchers("healthy"), matchers("stable"))
     result, state = evaluate(AnalysisState.start(0.0), run, 5.0, spec)
@@ -265,6 +269,10 @@ def test_analysis_against_real_prometheus(fleet):
 def test_prometheus_provider_reports_bad_queries_and_refused_connections(prometheus, port):
     provider = PrometheusProvider(prometheus.url, timeout=3)
     from digital_worker.operator.metric_providers import MetricQuery
+
+    # The evaluation time reaches Prometheus.
+    at = time.time() - 600.25
+    assert provider.measure(MetricQuery("t", "time()"), at=at).value == pytest.approx(at, abs=0.01)
 
     bad = provider.measure(MetricQuery("bad", "sum(rate(foo[5m]"))
     assert bad.value is None and "400" in bad.error

@@ -105,3 +105,26 @@ def test_measurement_from_result(result, value, series, has_error):
     assert measurement.value == value and measurement.series_count == series
     assert (measurement.error is not None) is has_error
     assert measurement.usable is (value is not None and not has_error)
+
+
+def test_revision_matchers_use_the_operator_labels():
+    from digital_worker.operator.metric_providers import INSTANCE_LABEL, REVISION_LABEL, revision_matchers
+
+    assert revision_matchers("team-a", "helpdesk", "5f8c2d") == REVISION
+    assert (INSTANCE_LABEL, REVISION_LABEL) == ("digitalworker_io_instance", "digitalworker_io_revision")
+
+
+def test_rollout_modules_import_nothing_heavy():
+    """analysis, metric providers, routers and capacity run in the operator without kopf, and
+    prometheus_api_client (which pulls in pandas) loads only when a provider first queries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import digital_worker.operator.analysis, digital_worker.operator.metric_providers\n"
+        "import digital_worker.operator.traffic, digital_worker.operator.capacity\n"
+        "heavy = [m for m in ('kopf', 'pandas', 'prometheus_api_client', 'statsmodels', 'pulumi') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

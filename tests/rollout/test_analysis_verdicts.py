@@ -381,3 +381,21 @@ def test_run_queries_ask_only_for_what_enabled_checks_need():
     assert all('digitalworker_io_revision="old"' in q.promql for q in stable_queries.values())
     only_absolute = AnalysisSpec(max_ttft_p95_ratio=None, max_itl_p95_ratio=None)
     assert run_queries(only_absolute, {"r": "new"}, {"r": "old"})[1] == {}
+
+
+def test_check_rows_for_the_status_table():
+    from digital_worker.operator.analysis import check_rows, format_metric_value
+
+    spec = AnalysisSpec(max_ttft_p95_seconds=2.0, max_queue_length=8)
+    run = judge_run(spec, RunMeasurements(good(**{ERROR_RATE: 0.043, TTFT_P95: 0.8, QUEUE_LENGTH: 3.0}), stable()))
+    rows = {row["check"]: row for row in check_rows(run.checks)}
+    assert rows["maxErrorRate"] == {"check": "maxErrorRate", "canary": "4.30%", "stable": "", "limit": "<= 2.00%",
+                                    "verdict": "Failed"}
+    assert rows["maxTTFTP95Seconds"]["canary"] == "800ms" and rows["maxTTFTP95Seconds"]["limit"] == "<= 2.00s"
+    assert rows["maxTTFTP95Ratio"]["stable"] == "400ms" and rows["maxTTFTP95Ratio"]["limit"] == "<= 1.5x stable"
+    assert rows["maxQueueLength"]["canary"] == "3"
+    assert format_metric_value(TTFT_P95, None) == "-" and format_metric_value(TTFT_P95, math.nan) == "-"
+    # Rows come from a state read back from status just as well.
+    _, state = evaluate(AnalysisState.start(0), RunMeasurements(good(), stable()), 30, spec)
+    restored = AnalysisState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert check_rows(restored.checks) == check_rows(state.checks)

@@ -238,3 +238,41 @@ def test_full_cluster_canary_rollout_never_strands_both_revisions():
                 break
     assert history[-1] == (0, 4)
     assert (3, 1) in history and (2, 2) in history
+
+
+def test_real_kubernetes_client_objects_both_serializations():
+    """Nodes and pods built with the kubernetes client's models, read as `to_dict()` (snake_case,
+    None everywhere) and as the API's JSON (`sanitize_for_serialization`, camelCase)."""
+    kubernetes = pytest.importorskip("kubernetes")
+    m = kubernetes.client
+
+    def k8s_node(name, gpus, taints=None, unschedulable=None):
+        return m.V1Node(
+            metadata=m.V1ObjectMeta(name=name, labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
+            spec=m.V1NodeSpec(taints=taints, unschedulable=unschedulable),
+            status=m.V1NodeStatus(allocatable={"nvidia.com/gpu": str(gpus), "cpu": "96"},
+                                  conditions=[m.V1NodeCondition(type="Ready", status="True")]),
+        )
+
+    def k8s_pod(node_name, gpus, phase="Running", init_gpus=None):
+        containers = [m.V1Container(name="sglang", resources=m.V1ResourceRequirements(
+            limits={"nvidia.com/gpu": str(gpus)}, requests={"nvidia.com/gpu": str(gpus)}))]
+        init = [m.V1Container(name="fetch", resources=m.V1ResourceRequirements(
+            limits={"nvidia.com/gpu": str(init_gpus)}))] if init_gpus else None
+        return m.V1Pod(metadata=m.V1ObjectMeta(name=f"p-{node_name}"),
+                       spec=m.V1PodSpec(node_name=node_name, containers=containers, init_containers=init),
+                       status=m.V1PodStatus(phase=phase))
+
+    nodes = [k8s_node("gpu-1", 8), k8s_node("gpu-2", 8, taints=[m.V1Taint(key="nvidia.com/gpu", effect="NoSchedule")]),
+             k8s_node("gpu-3", 8, unschedulable=True)]
+    pods = [k8s_pod("gpu-1", 2), k8s_pod("gpu-1", 1, init_gpus=3), k8s_pod("gpu-1", 4, phase="Succeeded"),
+            k8s_pod("gpu-2", 4)]
+    tolerations = [m.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule").to_dict()]
+    serializer = m.ApiClient()
+    for convert in (lambda obj: obj.to_dict(), serializer.sanitize_for_serialization):
+        capacity = gpu_capacity([convert(n) for n in nodes], [convert(p) for p in pods],
+                                gpu_type="NVIDIA-H100-80GB-HBM3", tolerations=tolerations)
+        free = {node.name: (node.free, node.excluded) for node in capacity.nodes}
+        assert free == {"gpu-1": (3, ""), "gpu-2": (4, ""), "gpu-3": (0, "cordoned (unschedulable)")}
+        # 3 free on gpu-1 hold one 2-GPU replica, 4 on gpu-2 hold two.
+        assert capacity.fits(3, 2) is True and capacity.fits(4, 2) is False
