@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 MARKER_NAME = ".digital-worker-model.json"
 PARTIAL_DIR = ".partial"
 HF_TOKEN_ENV = "HF_TOKEN"
+HF_TOKEN_PATH_ENV = "HF_TOKEN_PATH"
 # Headroom kept free on the cache volume beyond the model's own size (page cache, logs, temp files).
 DISK_HEADROOM_BYTES = 64 * 1024
 _CHUNK = 1024 * 1024
@@ -117,7 +118,7 @@ def fetch_model(
     staging.mkdir(parents=True, exist_ok=True)
 
     if source.scheme == "hf":
-        fetcher: _Fetcher = _HubFetcher(source, hf_token or os.environ.get(HF_TOKEN_ENV) or None, hf_endpoint)
+        fetcher: _Fetcher = _HubFetcher(source, hf_token or hub_token_from_environment(), hf_endpoint)
     else:
         fetcher = _S3Fetcher(source, s3_endpoint_url)
     files = fetcher.list_files()
@@ -154,6 +155,20 @@ def fetch_model(
     _atomic_replace(staging, final)
     say(f"model {source.uri} ready at {final} ({total} bytes)")
     return final
+
+
+def hub_token_from_environment() -> str | None:
+    """The Hub token a Secret provides: env HF_TOKEN, or the file named by HF_TOKEN_PATH."""
+    token = os.environ.get(HF_TOKEN_ENV, "").strip()
+    if token:
+        return token
+    token_path = os.environ.get(HF_TOKEN_PATH_ENV)
+    if token_path:
+        try:
+            return Path(token_path).read_text().strip() or None
+        except OSError as exc:
+            raise ModelFetchError(f"{HF_TOKEN_PATH_ENV}: cannot read {token_path} ({exc.strerror})") from None
+    return None
 
 
 def _check_mounted(source: ModelSource) -> Path:

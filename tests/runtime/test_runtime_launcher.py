@@ -49,7 +49,7 @@ def run_server(server_args):
     with open("/proc/self/environ", "rb") as f:
         environ = f.read().decode(errors="replace")
     with open(report, "w") as f:
-        json.dump({"argv": sys.argv, "cmdline": cmdline, "environ": environ,
+        json.dump({"argv": sys.argv, "cmdline": cmdline, "environ": environ, "model_path": server_args.model_path,
                    "api_key": server_args.api_key, "pid": os.getpid()}, f)
     def drain(signum, frame):
         print(f"draining after signal {signum}", flush=True)
@@ -262,3 +262,59 @@ def test_api_key_reaches_sglang_but_not_argv_environ_or_logs(tmp_path, standin, 
     assert b"server_args=" in stdout and b"<redacted>" in stdout  # SGLang logged it; the launcher scrubbed it
     assert SECRET.encode() not in stdout + stderr
     assert process.returncode == 0
+
+
+def test_launch_fetches_the_model_then_points_sglang_at_the_cache(tmp_path, standin):
+    """model_source set: the launcher downloads it (Hub API on loopback), then starts SGLang on the cached copy."""
+    from runtime_fakehub import FakeHub, FakeRepo
+
+    hub = FakeHub().start()
+    hub.repos["acme/tiny"] = FakeRepo({"config.json": b"{}", "model.safetensors": b"w" * 4096},
+                                      lfs={"model.safetensors"})
+    try:
+        cache = tmp_path / "models"
+        config = write_config(tmp_path, model_source="hf://acme/tiny", model_cache_dir=str(cache))
+        env = launcher_env(standin, tmp_path, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+        process = start_launcher(config, env)
+        try:
+            report = wait_for_report(tmp_path, process, timeout=60)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert report["model_path"] == str(cache / "hf--acme--tiny")
+        assert (cache / "hf--acme--tiny" / "model.safetensors").read_bytes() == b"w" * 4096
+        assert b"ready at" in stderr  # fetch progress is logged
+        # A restart skips the finished download: no more file requests reach the Hub.
+        before = len(hub.requests)
+        (tmp_path / "report.json").unlink()
+        process = start_launcher(config, env)
+        try:
+            wait_for_report(tmp_path, process, timeout=60)
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert len(hub.requests) == before
+    finally:
+        hub.stop()
+
+
+def test_launch_with_a_missing_hub_model_is_one_line(tmp_path, standin):
+    from runtime_fakehub import FakeHub
+
+    hub = FakeHub().start()
+    try:
+        config = write_config(tmp_path, model_source="hf://acme/absent", model_cache_dir=str(tmp_path / "models"))
+        env = launcher_env(standin, tmp_path, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+        result = subprocess.run([CLI, "runtime", "launch", "--config", str(config)], env=env, cwd="/",
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        hub.stop()
+    assert result.returncode == 2
+    assert "repository not found" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "report.json").exists()  # SGLang never started

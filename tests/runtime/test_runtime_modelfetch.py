@@ -116,7 +116,14 @@ def test_hf_private_repo_needs_the_token(hub, tmp_path, monkeypatch):
         fetch_model(f"hf://{REPO}", tmp_path / "cache")
     with pytest.raises(ModelFetchError, match="token was refused"):
         fetch_model(f"hf://{REPO}", tmp_path / "cache", hf_token="hf_wrong")
-    monkeypatch.setenv("HF_TOKEN", "hf_good_token")  # as a Secret-backed env var sets it
+    token_file = tmp_path / "secret" / "token"
+    token_file.parent.mkdir()
+    token_file.write_text("hf_good_token\n")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(token_file))  # a Secret mounted as a file
+    assert_model_tree(fetch_model(f"hf://{REPO}", tmp_path / "cache"))
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.delenv("HF_TOKEN_PATH")
+    monkeypatch.setenv("HF_TOKEN", "hf_good_token")  # a Secret as an env var
     assert_model_tree(fetch_model(f"hf://{REPO}", tmp_path / "cache"))
 
 
