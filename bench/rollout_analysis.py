@@ -152,10 +152,10 @@ class RevisionMetrics:
 
     def record(self, revision: str, ttft: float, itl: float, output_tokens: int, aborted: bool) -> None:
         labels = self.labels(revision)
-        self.requests.labels(**labels).inc()
-        if aborted:
+        if aborted:  # as SGLang and the simulator count: an aborted request is not a finished one
             self.aborted.labels(**labels).inc()
             return
+        self.requests.labels(**labels).inc()
         self.ttft.labels(**labels).observe(ttft)
         self.itl.labels(**labels).observe(itl)
         self.e2e.labels(**labels).observe(ttft + itl * max(0, output_tokens - 1))

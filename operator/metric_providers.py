@@ -132,9 +132,23 @@ def _window(window_seconds: float) -> str:
     return f"{seconds}s"
 
 
+def _ended_requests(matchers: LabelMatchers, window: str) -> tuple[str, str]:
+    """(finished, aborted) request increases over the window, each 0 when its series is absent.
+
+    prometheus_client only exposes a labelled counter once it was first touched, so a healthy
+    replica may have no aborted series at all (`or vector(0)` makes that 0)."""
+    finished = f"sum(increase({sglang_selector(REQUESTS_TOTAL, matchers)}[{window}]))"
+    aborted = f"sum(increase({sglang_selector(ABORTED_REQUESTS_TOTAL, matchers)}[{window}]))"
+    return f"({finished} or vector(0))", f"({aborted} or vector(0))"
+
+
 def request_count_query(matchers: LabelMatchers, window_seconds: float) -> str:
-    """Finished requests in the window (what `minRequests` is compared to)."""
-    return f"sum(increase({sglang_selector(REQUESTS_TOTAL, matchers)}[{_window(window_seconds)}]))"
+    """Requests that ended in the window, finished or aborted (what `minRequests` is compared to).
+
+    Aborted ones count too: a revision that fails every request finishes none, and must be judged
+    Failed on its error rate, not waved through as "too little traffic"."""
+    finished, aborted = _ended_requests(matchers, _window(window_seconds))
+    return f"{finished} + {aborted}"
 
 
 def request_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
@@ -142,16 +156,13 @@ def request_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
 
 
 def error_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
-    """Aborted requests over finished requests in the window.
+    """Aborted requests over requests that ended in the window (finished + aborted).
 
-    prometheus_client only exposes a labelled counter once it was first incremented, so a
-    healthy replica may have no aborted series at all: that counts as 0 (`or vector(0)`).
-    No requests at all stays empty/NaN (0/0), which analysis reads as Inconclusive.
-    """
-    window = _window(window_seconds)
-    aborted = f"sum(increase({sglang_selector(ABORTED_REQUESTS_TOTAL, matchers)}[{window}]))"
-    total = f"sum(increase({sglang_selector(REQUESTS_TOTAL, matchers)}[{window}]))"
-    return f"({aborted} or vector(0)) / {total}"
+    SGLang counts `num_requests_total` when a request finishes and `num_aborted_requests_total`
+    when one is aborted; dividing by their sum keeps the rate within 0..1 and makes a revision that
+    aborts everything read 100%. No requests at all is 0/0 = NaN: Inconclusive, never a pass."""
+    finished, aborted = _ended_requests(matchers, _window(window_seconds))
+    return f"{aborted} / ({finished} + {aborted})"
 
 
 def http_error_rate_query(

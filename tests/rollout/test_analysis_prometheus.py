@@ -31,12 +31,14 @@ from digital_worker.operator.analysis import (
 )
 from digital_worker.operator.metric_providers import (
     ERROR_RATE,
+    HTTP_ERROR_RATE,
     ITL_P95,
     KV_USAGE,
     QUEUE_LENGTH,
     REQUEST_COUNT,
     REQUEST_RATE,
     TTFT_P95,
+    HttpErrorSource,
     PrometheusProvider,
     revision_queries,
 )
@@ -71,6 +73,8 @@ class SGLangMetrics:
                              registry=self.registry)
         self.queue = Gauge("sglang:num_queue_reqs", "Queue", LABELS, registry=self.registry)
         self.kv = Gauge("sglang:token_usage", "KV usage", LABELS, registry=self.registry)
+        # Not SGLang's: an HTTP status counter as a gateway or sidecar would export it.
+        self.http = Counter("http_requests_total", "HTTP responses", [*LABELS, "code"], registry=self.registry)
 
     @staticmethod
     def labels(revision: str) -> dict[str, str]:
@@ -90,11 +94,14 @@ class SGLangMetrics:
         self.kv.labels(**labels).set(0)
 
     def request(self, revision: str, ttft: float, itl: float, aborted: bool = False) -> None:
+        """As SGLang and the simulator count: an aborted request is not a finished one."""
         labels = self.labels(revision)
-        self.requests.labels(**labels).inc()
         if aborted:
             self.aborted.labels(**labels).inc()
+            self.http.labels(**labels, code="500").inc()
             return
+        self.requests.labels(**labels).inc()
+        self.http.labels(**labels, code="200").inc()
         self.ttft.labels(**labels).observe(ttft)
         self.itl.labels(**labels).observe(itl)
         self.e2e.labels(**labels).observe(ttft + 100 * itl)
@@ -151,6 +158,8 @@ class Traffic:
             # 1 in 20 of this revision's requests is aborted: a 5% error rate.
             self.errors_sent += 1
             self.colon.request("errors", ttft=0.3, itl=0.012, aborted=self.errors_sent % 20 == 0)
+            # A revision that fails every request finishes none.
+            self.colon.request("broken", ttft=0.3, itl=0.012, aborted=True)
             self.colon.queue.labels(**self.colon.labels("stable")).set(3)
             self.underscore.kv.labels(**self.underscore.labels("healthy")).set(0.42)
             self.stop_event.wait(0.05)
@@ -171,6 +180,7 @@ def fleet(prometheus):
     colon, underscore = SGLangMetrics(), SGLangMetrics()
     colon.declare("stable", with_aborted=False)
     colon.declare("errors", with_aborted=True)
+    colon.declare("broken", with_aborted=True)
     for revision in ("healthy", "slow", "idle"):
         underscore.declare(revision, with_aborted=True)
     servers = [MetricsServer(colon, free_port(), openmetrics=False),
@@ -215,9 +225,12 @@ def test_analysis_against_real_prometheus(fleet):
     assert stable[QUEUE_LENGTH].value == pytest.approx(3, abs=0.6)
     assert healthy[KV_USAGE].value == pytest.approx(0.42)
 
-    # Evaluated an hour ago, before any of this existed: an empty result, not an error.
-    past = provider.measure(revision_queries(matchers("stable"), WINDOW_SECONDS)[REQUEST_COUNT], at=time.time() - 3600)
+    # Evaluated an hour ago, before any of this existed: no data, not an error; the request
+    # count reads 0 there (both of its terms default to 0).
+    queries = revision_queries(matchers("stable"), WINDOW_SECONDS)
+    past = provider.measure(queries[TTFT_P95], at=time.time() - 3600)
     assert past.value is None and past.series_count == 0 and past.error is None
+    assert provider.measure(queries[REQUEST_COUNT], at=time.time() - 3600).value == 0.0
 
     # A healthy canary (underscore form) against the stable (colon form): every check passes.
     run = measure_run(provider, spec, matchers("healthy"), matchers("stable"))
@@ -233,6 +246,24 @@ def test_analysis_against_real_prometheus(fleet):
     assert by_name["maxErrorRate"].verdict is Verdict.FAILED
     assert by_name["maxErrorRate"].value == pytest.approx(0.05, abs=0.02)
     assert by_name["maxTTFTP95Ratio"].verdict is Verdict.SUCCESSFUL
+
+    # Every request aborted: no finished request, yet counted as traffic and judged Failed at 100%.
+    run = measure_run(provider, spec, matchers("broken"), matchers("stable"))
+    assert run.canary[REQUEST_COUNT].value > 20
+    result, _ = evaluate(AnalysisState.start(0.0), run, 5.0, spec)
+    by_name = {check.name: check for check in result.checks}
+    assert result.action is Action.ABORT and by_name["maxErrorRate"].value == 1.0
+
+    # Non-2xx responses from an HTTP counter (opt-in): 5% for "errors", none at all for "stable"
+    # (its code="500" series does not even exist).
+    http = HttpErrorSource("http_requests_total", "code")
+    errors_http = provider.measure(revision_queries(matchers("errors"), WINDOW_SECONDS, http)[HTTP_ERROR_RATE])
+    stable_http = provider.measure(revision_queries(matchers("stable"), WINDOW_SECONDS, http)[HTTP_ERROR_RATE])
+    assert errors_http.value == pytest.approx(0.05, abs=0.02) and stable_http.value == 0.0
+    http_spec = AnalysisSpec.from_dict({"windowSeconds": WINDOW_SECONDS, "maxHTTPErrorRate": 0.01,
+                                        "maxErrorRate": None, "maxTTFTP95Ratio": None, "maxITLP95Ratio": None})
+    result, _ = evaluate(AnalysisState.start(0.0), measure_run(provider, http_spec, matchers("errors")), 5.0, http_spec)
+    assert result.action is Action.ABORT and result.checks[0].name == "maxHTTPErrorRate"
 
     # Twice the TTFT: the absolute TTFT check passes (under 2 s), the relative one aborts.
     run = measure_run(provider, spec, matchers("slow"), matchers("stable"))

@@ -399,3 +399,12 @@ def test_check_rows_for_the_status_table():
     _, state = evaluate(AnalysisState.start(0), RunMeasurements(good(), stable()), 30, spec)
     restored = AnalysisState.from_dict(json.loads(json.dumps(state.to_dict())))
     assert check_rows(restored.checks) == check_rows(state.checks)
+
+
+def test_a_canary_failing_every_request_aborts_although_it_has_no_latencies():
+    broken = RunMeasurements(good(**{ERROR_RATE: 1.0, TTFT_P95: None, ITL_P95: None, E2E_P95: None}), stable())
+    actions, state = run_ticks(AnalysisSpec(), [broken])
+    assert actions == [Action.ABORT]
+    verdicts = {check.name: check.verdict for check in state.checks}
+    assert verdicts == {"maxErrorRate": Verdict.FAILED, "maxTTFTP95Ratio": Verdict.INCONCLUSIVE,
+                        "maxITLP95Ratio": Verdict.INCONCLUSIVE}
