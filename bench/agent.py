@@ -158,6 +158,7 @@ def measure(pod_resources: str | None, seconds: float, scrapes: int, interval: f
             process.wait()
         if kubelet is not None:
             kubelet.stop(grace=None).wait(5)
+        shutil.rmtree(workdir, ignore_errors=True)
     return {
         "pod_resources_client": pod_resources,
         "cpu_percent_of_one_core": round(cpu_percent, 3),
