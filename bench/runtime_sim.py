@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import csv
 import json
-import math
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from digital_worker.runtime.perfmodel import FirstToken, Finished, ReplicaEngine, capacity_rps, ttft_quantile
+from digital_worker.runtime.perfmodel import Finished, ReplicaEngine, capacity_rps, ttft_quantile
 from digital_worker.runtime.sim import SimConfig, SimulatedSGLang
 
 REPO = Path(__file__).resolve().parents[1]

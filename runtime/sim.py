@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from .contract import DEFAULT_PORT, SGLANG_VERSION
-from .perfmodel import Aborted, Finished, FirstToken, ReplicaEngine, ReplicaParams, Token, profile_for
+from .perfmodel import Aborted, Finished, ReplicaEngine, ReplicaParams, Token, profile_for
 from .sglang_metrics import SGLangMetrics
 
 # SGLang's own health-check timeout (SGLANG_HEALTH_CHECK_TIMEOUT, 20 s by default).

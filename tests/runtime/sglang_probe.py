@@ -5,6 +5,8 @@
   metrics  stdout: JSON {name: {type, labels, buckets}} read from SGLang's metrics_collector.py
            source with ast (importing it needs transformers and a GPU stack)
   flags    stdout: JSON list of every option string SGLang's parser accepts
+  all      stdin: {"parse": [argv, ...]} -> stdout: {"parse": [...], "flags": [...], "metrics": {...}}
+           (one interpreter start for everything: importing SGLang takes seconds)
 """
 from __future__ import annotations
 
@@ -122,5 +124,8 @@ if __name__ == "__main__":
         print(json.dumps(metrics()))
     elif mode == "flags":
         print(json.dumps(flags()))
+    elif mode == "all":
+        request = json.load(sys.stdin)
+        print(json.dumps({"parse": parse(request.get("parse", [])), "flags": flags(), "metrics": metrics()}))
     else:
         sys.exit(f"unknown mode {mode}")
