@@ -38,7 +38,7 @@ UPDATE_KEYS = (
 )
 # Outputs only the provider fills in; declared so Pulumi exposes them on the resource.
 OUTPUT_KEYS = (
-    "gpu_product", "gpu_count", "driver_version", "toolkit_version", "applied_labels", "applied_taints",
+    "server_url", "gpu_product", "gpu_count", "driver_version", "toolkit_version", "applied_labels", "applied_taints",
     "host_key_seen", "kubeconfig", "commands",
 )
 SECRET_KEYS = ["private_key", "server_private_key", "k3s_token", "kubeconfig"]

@@ -65,7 +65,9 @@ class Platform(pulumi.ComponentResource):
     prometheus_url: pulumi.Output[Any]
     kubectl_commands: pulumi.Output[list]
 
-    def __init__(self, name: str, settings: PlatformSettings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, settings: PlatformSettings, opts: pulumi.ResourceOptions | None = None,
+                 *, wait_for: list[pulumi.Resource] | None = None) -> None:
+        """`wait_for`: what must exist before anything is applied (e.g. every GPU host joined)."""
         super().__init__("digitalworker:stacks:Platform", name, None, opts)
         problems = manifests.validate_settings(settings)
         if problems:
@@ -81,7 +83,7 @@ class Platform(pulumi.ComponentResource):
                 created.append(resource)
             return created or after
 
-        namespaces = deploy_group(objects.namespaces, [])
+        namespaces = deploy_group(objects.namespaces, list(wait_for or []))
         crds = deploy_group(objects.crds, namespaces)
         base = crds
         if settings.prometheus_mode == "helm":
@@ -106,7 +108,9 @@ class Platform(pulumi.ComponentResource):
                 values=manifests.device_plugin_helm_values(settings),
                 opts=pulumi.ResourceOptions(parent=self, depends_on=crds),
             )
-        operator = deploy_group(objects.operator, base)
+        # kopf treats a named peering as mandatory: the peering objects exist before any replica starts.
+        peering = deploy_group([o for o in objects.operator if o["apiVersion"].startswith("kopf.dev/")], base)
+        operator = deploy_group([o for o in objects.operator if not o["apiVersion"].startswith("kopf.dev/")], peering)
         deploy_group(objects.agents, namespaces)
         deploy_group(objects.monitoring, namespaces)
         deploy_group(objects.workers, operator)

@@ -70,18 +70,18 @@ def run(probe=None, base_dir: Path | None = None) -> dict[str, Any]:
         )
         nodes = OnPremGpuNodes("gpu-nodes", args)
         provider = k8s.Provider("cluster", kubeconfig=nodes.kubeconfig)
-        depends_on = [nodes]
+        depends_on = list(nodes.hosts)
         outputs.update(kubeconfig=nodes.kubeconfig, nodeNames=nodes.node_names, k3sServerUrl=nodes.server_url)
     else:
         from digital_worker.stacks.aws import AwsGpuCluster
 
         cluster = AwsGpuCluster("gpu-cluster", parsed.aws)
         provider = k8s.Provider("cluster", kubeconfig=cluster.kubeconfig)
-        depends_on = [cluster]
+        depends_on = [cluster.system_nodes, *cluster.gpu_node_groups]
         outputs.update(kubeconfig=cluster.kubeconfig, clusterName=cluster.cluster_name, vpcId=cluster.vpc_id)
 
     platform = Platform("platform", settings, pulumi.ResourceOptions(
-        providers={"kubernetes": provider} if provider else None, depends_on=depends_on))
+        providers={"kubernetes": provider} if provider else None), wait_for=depends_on)
     outputs.update(
         operatorNamespace=platform.operator_namespace,
         prometheusUrl=platform.prometheus_url,
