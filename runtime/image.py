@@ -98,7 +98,7 @@ def _client(docker_host: str | None):
         if docker_host:
             return docker.DockerClient(base_url=docker_host, timeout=600)
         return docker.from_env(timeout=600)
-    except docker.errors.DockerException as exc:
+    except Exception as exc:  # DockerException, or paramiko's SSHException for ssh:// hosts
         where = docker_host or os.environ.get("DOCKER_HOST") or "the default socket"
         raise ImageBuildError(f"docker_host: cannot reach a Docker Engine API at {where} ({_short(exc)})") from None
 

@@ -196,3 +196,70 @@ def test_prepare_context_lays_out_the_package(tmp_path):
     assert (context / "digital_worker" / "__init__.py").is_file()
     assert (context / "digital_worker" / "runtime" / "templates" / "Dockerfile.j2").is_file()
     assert (context / "digital_worker" / "runtime" / "sglang_entry.py").is_file()
+
+
+@pytest.fixture
+def ssh_engine(podman, tmp_path, monkeypatch):
+    """The same podman API behind a real sshd on loopback: DOCKER_HOST=ssh://..., as for a remote build host.
+
+    The docker SDK (paramiko) runs `docker system dial-stdio` on the remote side, which the docker CLI
+    forwards to DOCKER_HOST, set for the session by sshd's SetEnv. Host keys are verified (RejectPolicy):
+    the test writes known_hosts and the client key into a throwaway HOME.
+    """
+    for tool in ("docker", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.skip("Debian's openssh-server is not installed")
+    home = tmp_path / "home"
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(parents=True)
+    server_dir = tmp_path / "sshd"
+    server_dir.mkdir()
+    for key in (server_dir / "host_key", ssh_dir / "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (server_dir / "authorized_keys").write_text((ssh_dir / "id_ed25519.pub").read_text())
+    port = free_port()
+    docker_dir = Path(shutil.which("docker")).parent
+    (server_dir / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {server_dir / 'host_key'}\n"
+        f"AuthorizedKeysFile {server_dir / 'authorized_keys'}\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
+        f"PidFile {server_dir / 'sshd.pid'}\n"
+        f"SetEnv DOCKER_HOST={podman.url} PATH={docker_dir}:/usr/bin:/bin\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    host_key = (server_dir / "host_key.pub").read_text().split()
+    (ssh_dir / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    (ssh_dir / "config").write_text(f"Host 127.0.0.1\n  IdentityFile {ssh_dir / 'id_ed25519'}\n")
+    process = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(server_dir / "sshd_config"),
+                                "-E", str(server_dir / "sshd.log")], cwd="/")
+    try:
+        deadline = time.monotonic() + 15
+        import socket
+
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail(f"sshd did not start: {(server_dir / 'sshd.log').read_text()}")
+                time.sleep(0.1)
+        monkeypatch.setenv("HOME", str(home))
+        yield f"ssh://root@127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_build_over_ssh(ssh_engine):
+    result = build_image("localhost/sglang-base:test", "localhost/dw-sglang:ssh", docker_host=ssh_engine)
+    assert result.image_id.startswith("sha256:")
+    assert any("Successfully tagged" in line or "COMMIT" in line for line in result.log)
+
+
+def test_ssh_host_with_unknown_host_key_is_refused(ssh_engine, tmp_path):
+    (Path(os.environ["HOME"]) / ".ssh" / "known_hosts").write_text("")  # nothing trusted
+    with pytest.raises(ImageBuildError, match="docker_host"):
+        build_image("localhost/sglang-base:test", "localhost/dw-sglang:ssh2", docker_host=ssh_engine)
