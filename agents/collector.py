@@ -289,10 +289,13 @@ class GpuCollector:
         log.warning("XID %d on unknown GPU %s", xid, uuid)
 
     # --- exposition -----------------------------------------------------------------------------
-    def _labels(self, device: GpuDevice, owner: GpuOwner | None) -> str:
+    def _labels(self, device: GpuDevice, owner: GpuOwner | None, previous: dict[tuple, str]) -> str:
+        # Only series of this round stay cached: pods come and go for months on a node.
         key = (device.index, device.uuid, owner)
-        cached = self._label_cache.get(key)
-        if cached is None:
+        cached = previous.get(key)
+        if cached is not None:
+            self._label_cache[key] = cached
+        else:
             labels = [("gpu", str(device.index)), ("UUID", device.uuid), ("device", f"nvidia{device.index}"),
                       ("modelName", device.model_name), ("Hostname", self.hostname)]
             if device.pci_bus_id:
@@ -312,13 +315,14 @@ class GpuCollector:
                                   "XID critical errors seen since the agent started, by XID.", "counter")
         with self._lock:
             devices = list(self.devices)
+        previous_labels, self._label_cache = self._label_cache, {}
         for device in devices:
             owners = owners_by_device.get(device.uuid) or owners_by_device.get(str(device.index)) or (None,)
             readings = dict(device.readings)
             readings["DCGM_FI_DEV_XID_ERRORS"] = device.last_xid
             readings["digital_worker_gpu_healthy"] = 1 if device.healthy else 0
             for owner in owners:
-                labels = self._labels(device, owner)
+                labels = self._labels(device, owner, previous_labels)
                 for name, value in readings.items():
                     families[name].add(labels, value)
                 for xid, count in sorted(device.xid_counts.items()):

@@ -240,3 +240,14 @@ def test_nvml_init_is_retried_until_a_driver_appears(fake):
     late.loaded = True
     collector.collect()
     assert collector.nvml_up and len(collector.devices) == 4
+
+
+def test_label_cache_does_not_grow_with_pod_churn(fake):
+    collector = GpuCollector(fake, "node-a")
+    collector.start()
+    collector.collect()
+    for generation in range(50):
+        owners = {device.uuid: (GpuOwner(f"pod-{generation}-{device.index}", "ns", "c"),)
+                  for device in collector.devices}
+        collector.families(owners)
+    assert len(collector._label_cache) == len(collector.devices)
