@@ -146,9 +146,12 @@ else:
 with open("/usr/local/bin/k3s", "w") as f: f.write(K3S)
 os.chmod("/usr/local/bin/k3s", 0o755)
 uninstall = "k3s-uninstall.sh" if role == "server" else "k3s-agent-uninstall.sh"
+# Uninstalling the (only) server takes its datastore, so the whole cluster, with it.
+cluster_gone = ("rm -rf " + os.path.join(CLUSTER, "nodes") + "/*.json " + os.path.join(CLUSTER, "token") + "\n"
+                if role == "server" else "")
 with open("/usr/local/bin/" + uninstall, "w") as f:
     f.write("#!/bin/sh\nrm -f /usr/local/bin/k3s /usr/local/bin/" + uninstall + "\nrm -rf /var/lib/rancher\n"
-            "echo uninstalled >> " + os.path.join(CLUSTER, "installs.log") + "\n")
+            + cluster_gone + "echo uninstalled >> " + os.path.join(CLUSTER, "installs.log") + "\n")
 os.chmod("/usr/local/bin/" + uninstall, 0o755)
 os.makedirs("/var/lib/rancher/k3s", exist_ok=True)
 name = opts["--node-name"]
