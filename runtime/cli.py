@@ -5,6 +5,16 @@ import argparse
 import sys
 
 
+# The sim flags' defaults, to tell which flags a user set explicitly (those override --launch-config).
+_SIM_DEFAULTS = {
+    "model_name": "default", "model_path": None, "host": "127.0.0.1", "port": 30000, "gpu_type": None,
+    "revision": None, "cold_start_seconds": 0.0, "max_running_requests": 256, "chunked_prefill_size": 8192,
+    "context_length": 8192, "max_total_tokens": None, "prefix_cache_hit_rate": 0.0, "default_max_tokens": 128,
+    "api_key": None, "error_rate": 0.0, "latency_factor": 1.0, "hang": False, "crash_after_seconds": None,
+    "seed": None,
+}
+
+
 def _user_error(message: str) -> Exception:
     from digital_worker.cli import UserError
 
@@ -46,23 +56,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim", help="serve a simulated SGLang replica (same HTTP API and metrics, no GPU)",
         description="An SGLang-compatible server driven by the shared performance model of one replica.",
     )
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=30000)
-    sim.add_argument("--model-name", default="default", help="served model name")
+    sim.add_argument("--launch-config", default=None, metavar="FILE",
+                     help="take model name, path, port, revision and limits from a launch config "
+                          "(flags given explicitly still win)")
+    sim.add_argument("--host", default=_SIM_DEFAULTS["host"])
+    sim.add_argument("--port", type=int, default=_SIM_DEFAULTS["port"])
+    sim.add_argument("--model-name", default=_SIM_DEFAULTS["model_name"], help="served model name")
     sim.add_argument("--model-path", default=None, help="model path to report (default /models/NAME)")
     sim.add_argument("--gpu-type", default=None, help="GPU profile, e.g. nvidia-h100-80gb, a100, l4")
     sim.add_argument("--revision", default=None, help="revision label shown by /get_server_info")
-    sim.add_argument("--cold-start", type=float, default=0.0, metavar="SECONDS",
+    sim.add_argument("--cold-start", type=float, default=_SIM_DEFAULTS["cold_start_seconds"], metavar="SECONDS",
                      help="seconds before /health turns 200")
-    sim.add_argument("--max-running-requests", type=int, default=256)
-    sim.add_argument("--chunked-prefill-size", type=int, default=8192)
-    sim.add_argument("--context-length", type=int, default=8192)
+    sim.add_argument("--max-running-requests", type=int, default=_SIM_DEFAULTS["max_running_requests"])
+    sim.add_argument("--chunked-prefill-size", type=int, default=_SIM_DEFAULTS["chunked_prefill_size"])
+    sim.add_argument("--context-length", type=int, default=_SIM_DEFAULTS["context_length"])
     sim.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
-    sim.add_argument("--prefix-cache-hit-rate", type=float, default=0.0)
-    sim.add_argument("--default-max-tokens", type=int, default=128)
+    sim.add_argument("--prefix-cache-hit-rate", type=float, default=_SIM_DEFAULTS["prefix_cache_hit_rate"])
+    sim.add_argument("--default-max-tokens", type=int, default=_SIM_DEFAULTS["default_max_tokens"])
     sim.add_argument("--api-key-env", default=None, help="require the key held by this env var")
-    sim.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered with 500")
-    sim.add_argument("--latency-factor", type=float, default=1.0, help="multiply every step time")
+    sim.add_argument("--error-rate", type=float, default=_SIM_DEFAULTS["error_rate"], help="share of requests answered with 500")
+    sim.add_argument("--latency-factor", type=float, default=_SIM_DEFAULTS["latency_factor"], help="multiply every step time")
     sim.add_argument("--hang", action="store_true", help="accept connections but never answer")
     sim.add_argument("--crash-after", type=float, default=None, metavar="SECONDS",
                      help="exit 1 after this many seconds")
@@ -142,7 +155,7 @@ def _sim(args: argparse.Namespace) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise _user_error(f"api_key_env: environment variable {args.api_key_env} is not set")
-    config = SimConfig(
+    values = dict(
         model_name=args.model_name, model_path=args.model_path, host=args.host, port=args.port,
         gpu_type=args.gpu_type, revision=args.revision, cold_start_seconds=args.cold_start,
         max_running_requests=args.max_running_requests, chunked_prefill_size=args.chunked_prefill_size,
@@ -151,6 +164,18 @@ def _sim(args: argparse.Namespace) -> int:
         api_key=api_key, error_rate=args.error_rate, latency_factor=args.latency_factor, hang=args.hang,
         crash_after_seconds=args.crash_after, seed=args.seed,
     )
+    if args.launch_config:
+        from digital_worker.runtime.launcher import LaunchError, load_config
+
+        try:
+            launch = load_config(args.launch_config)
+        except LaunchError as exc:
+            raise _user_error(str(exc)) from None
+        # Flags left at their defaults yield to the launch config; explicit ones win.
+        explicit = {key: value for key, value in values.items() if value != _SIM_DEFAULTS.get(key)}
+        config = SimConfig.from_launch_config(launch, host=args.host, **explicit)
+    else:
+        config = SimConfig(**values)
     problems = config.problems()
     if problems:
         raise _user_error(problems[0])

@@ -30,11 +30,14 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from .contract import DEFAULT_PORT, SGLANG_VERSION
 from .perfmodel import Aborted, Finished, ReplicaEngine, ReplicaParams, Token, profile_for
 from .sglang_metrics import SGLangMetrics
+
+if TYPE_CHECKING:
+    from .contract import LaunchConfig
 
 # SGLang's own health-check timeout (SGLANG_HEALTH_CHECK_TIMEOUT, 20 s by default).
 HEALTH_CHECK_TIMEOUT = 20.0
@@ -66,6 +69,28 @@ class SimConfig:
     crash_after_seconds: float | None = None
     health_check_timeout: float = HEALTH_CHECK_TIMEOUT
     seed: int | None = None
+
+    @classmethod
+    def from_launch_config(cls, launch: "LaunchConfig", **overrides) -> "SimConfig":
+        """The simulated twin of a replica the operator would launch with `launch` (same ConfigMap).
+
+        Fields SGLang would take from the config carry over; `overrides` set the rest (gpu_type,
+        cold_start_seconds, faults, host/port for a pod simulator that picks its own port...).
+        """
+        values = {
+            "model_name": launch.served_model_name,
+            "model_path": launch.model_path,
+            "port": launch.port,
+            "revision": launch.revision,
+        }
+        if launch.max_running_requests is not None:
+            values["max_running_requests"] = launch.max_running_requests
+        if launch.chunked_prefill_size is not None and launch.chunked_prefill_size > 0:
+            values["chunked_prefill_size"] = launch.chunked_prefill_size
+        if launch.context_length is not None:
+            values["context_length"] = launch.context_length
+        values.update(overrides)
+        return cls(**values)
 
     def problems(self) -> list[str]:
         found = []

@@ -331,3 +331,45 @@ def test_cli_sim_crash_after_exits_1_and_bad_flags_exit_2():
     bad = subprocess.run([shutil.which("digital-worker"), "runtime", "sim", "--error-rate", "3"],
                          cwd="/", capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "error_rate" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sim_config_from_launch_config():
+    from digital_worker.runtime.contract import LaunchConfig
+
+    launch = LaunchConfig(model_path="/models/q", served_model_name="qwen", port=31000, revision="r5",
+                          max_running_requests=32, context_length=4096, chunked_prefill_size=-1)
+    config = SimConfig.from_launch_config(launch, gpu_type="l4", port=0)
+    assert (config.model_name, config.model_path, config.revision) == ("qwen", "/models/q", "r5")
+    assert config.max_running_requests == 32 and config.context_length == 4096
+    assert config.chunked_prefill_size == SimConfig().chunked_prefill_size  # -1 (off) keeps the default budget
+    assert config.port == 0 and config.gpu_type == "l4"
+
+
+def test_cli_flag_defaults_are_the_sim_config_defaults():
+    import dataclasses
+
+    from digital_worker.runtime import cli
+
+    defaults = {field.name: field.default for field in dataclasses.fields(SimConfig)}
+    for name, value in cli._SIM_DEFAULTS.items():
+        if name != "port":  # the CLI listens on SGLang's port by default; in-process servers pick a free one
+            assert defaults[name] == value, name
+
+
+def test_cli_sim_takes_the_launch_config(tmp_path):
+    port = free_port()
+    config = tmp_path / "runtime.json"
+    config.write_text(json.dumps({"model_path": "/models/q", "served_model_name": "qwen", "port": port,
+                                  "revision": "r9", "max_running_requests": 16}))
+    process = subprocess.Popen([shutil.which("digital-worker"), "runtime", "sim", "--launch-config", str(config),
+                                "--gpu-type", "l4"], cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/get_server_info", timeout=5) as response:
+            info = json.load(response)
+        assert info["served_model_name"] == "qwen" and info["revision"] == "r9"
+        assert info["max_running_requests"] == 16 and info["digital_worker"]["gpu_profile"] == "nvidia-l4"
+        assert info["host"] == "127.0.0.1"  # never the launch config's 0.0.0.0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
