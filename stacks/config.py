@@ -109,7 +109,7 @@ def parse(values: dict[str, Any], *, base_dir: Path = Path("."), has_secret: Cal
         raise ConfigError("; ".join(problems))
     return StackConfig(
         target=target, platform=settings, prometheus_mode_requested=mode,
-        kubeconfig=values.get("kubeconfig"), context=values.get("context"),
+        kubeconfig=_kubeconfig(values.get("kubeconfig")), context=values.get("context"),
         onprem=onprem_args, aws=aws_config, missing_secrets=tuple(missing),
     )
 
@@ -199,6 +199,13 @@ def _parse_aws(section: dict, problems: list[str]):
     )
     problems += validate_aws(config)
     return config
+
+
+def _kubeconfig(value: str | None) -> str | None:
+    """A path gets `~` expanded (the provider and the probe read it as given); kubeconfig text is kept."""
+    if value and "\n" not in value:
+        return str(Path(value).expanduser())
+    return value
 
 
 def load_stack_file(path: Path) -> tuple[dict[str, Any], set[str]]:

@@ -72,6 +72,13 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
         assert fragment in text, fragment
 
 
+def test_kubeconfig_path_is_expanded_but_text_is_kept():
+    parsed = stack_config.parse({"target": "existing", "kubeconfig": "~/.kube/config"})
+    assert parsed.kubeconfig == str(Path.home() / ".kube" / "config")
+    text = "apiVersion: v1\nkind: Config\n"
+    assert stack_config.parse({"target": "existing", "kubeconfig": text}).kubeconfig == text
+
+
 def test_installer_script_is_read_relative_to_the_project(tmp_path):
     (tmp_path / "vendor").mkdir()
     (tmp_path / "vendor" / "k3s.sh").write_text("#!/bin/sh\necho pinned installer\n")
