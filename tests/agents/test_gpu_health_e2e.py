@@ -38,7 +38,7 @@ def test_fetch_gpu_health_from_prometheus_scraping_the_agent(tmp_path, prometheu
 
 
 def test_fetch_gpu_health_reports_an_unreachable_prometheus():
-    from conftest import free_port
+    from agent_process import free_port
     from digital_worker.operator.gpu_health import GpuHealthUnavailable
 
     with pytest.raises(GpuHealthUnavailable):
