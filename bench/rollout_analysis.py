@@ -319,6 +319,42 @@ class MetricsMatchers:
         return {"namespace": "bench", "digitalworker_io_instance": "dw", "digitalworker_io_revision": revision}
 
 
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per scenario over its repeats: decisions, mean and max rollback and bad-revision share."""
+    by_name: dict[str, list[dict]] = {}
+    for result in results:
+        by_name.setdefault(result["scenario"], []).append(result)
+    summary = []
+    for name, runs in by_name.items():
+        def mean(key: str, runs: list[dict] = runs) -> float | None:
+            found = [run[key] for run in runs if run[key] is not None]
+            return round(sum(found) / len(found), 3) if found else None
+
+        def maximum(key: str, runs: list[dict] = runs) -> float | None:
+            found = [run[key] for run in runs if run[key] is not None]
+            return max(found) if found else None
+
+        decisions = sorted({run["decision"] for run in runs})
+        summary.append({
+            "scenario": name,
+            "decisions": " ".join(f"{d} {sum(run['decision'] == d for run in runs)}/{len(runs)}" for d in decisions),
+            "configured_canary_weight": runs[0]["configured_canary_weight"],
+            "effective_canary_weight": runs[0]["effective_canary_weight"],
+            "analysis_interval_seconds": runs[0]["analysis_interval_seconds"],
+            "rollback_seconds_mean": mean("rollback_seconds"),
+            "rollback_in_intervals_mean": mean("rollback_in_intervals"),
+            "rollback_in_intervals_max": maximum("rollback_in_intervals"),
+            "bad_revision_request_share_mean": mean("bad_revision_request_share"),
+            "share_over_configured_weight_mean": mean("share_over_configured_weight"),
+            "share_over_configured_weight_max": maximum("share_over_configured_weight"),
+        })
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rps", type=float, default=200.0, help="mean request rate replayed (default 200)")
@@ -326,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=6.0, help="analysis windowSeconds (default 6)")
     parser.add_argument("--min-requests", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (different seeds)")
     parser.add_argument("--only", help="run scenarios whose name contains this text")
     parser.add_argument("--json", type=Path, help="write results as JSON to this file")
     args = parser.parse_args(argv)
@@ -344,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             provider = PrometheusProvider(prometheus.url, timeout=3)
             scenarios = [s for s in SCENARIOS if not args.only or args.only in s.name]
-            for index, scenario in enumerate(scenarios):
-                results.append(run_scenario(index, scenario, metrics, provider, spec, trace, args.rps, args.seed))
-                print(f"  done: {scenario.name}: {results[-1]['decision']}", file=sys.stderr)
+            for repeat in range(args.repeat):
+                for position, scenario in enumerate(scenarios):
+                    index = repeat * len(scenarios) + position
+                    results.append(run_scenario(index, scenario, metrics, provider, spec, trace, args.rps, args.seed))
+                    print(f"  done: {scenario.name} #{repeat + 1}: {results[-1]['decision']}", file=sys.stderr)
             # What a stopped Prometheus costs one analysis run (it must be an error, not a hang).
             prometheus.stop()
             started = time.monotonic()
@@ -358,22 +397,25 @@ def main(argv: list[str] | None = None) -> int:
             server.shutdown()
             server.server_close()
 
-    header = f"{'scenario':30} {'decision':8} {'rollback s':>10} {'/interval':>9} {'eff w%':>7} {'bad share':>9} {'/weight':>7}"
+    summary = summarize(results)
+    header = (f"{'scenario':28} {'decisions':>11} {'eff w%':>7} {'rollback s':>10} {'/interval':>15} "
+              f"{'bad share':>9} {'/weight':>13}")
     print(header)
     print("-" * len(header))
-    for r in results:
-        rollback = f"{r['rollback_seconds']:.2f}" if r["rollback_seconds"] is not None else "-"
-        ratio = f"{r['rollback_in_intervals']:.2f}" if r["rollback_in_intervals"] is not None else "-"
-        share = f"{r['bad_revision_request_share']:.3f}" if r["bad_revision_request_share"] is not None else "-"
-        over = f"{r['share_over_configured_weight']:.2f}" if r["share_over_configured_weight"] is not None else "-"
-        print(f"{r['scenario']:30} {r['decision']:8} {rollback:>10} {ratio:>9} {r['effective_canary_weight']:>7} "
-              f"{share:>9} {over:>7}")
+    for row in summary:
+        rollback = _fmt(row["rollback_seconds_mean"])
+        intervals = f"{_fmt(row['rollback_in_intervals_mean'])} (max {_fmt(row['rollback_in_intervals_max'])})"
+        share = _fmt(row["bad_revision_request_share_mean"], 3)
+        over = (f"{_fmt(row['share_over_configured_weight_mean'])} "
+                f"(max {_fmt(row['share_over_configured_weight_max'])})")
+        print(f"{row['scenario']:28} {row['decisions']:>11} {row['effective_canary_weight']:>7} {rollback:>10} "
+              f"{intervals:>15} {share:>9} {over:>13}")
     print(f"\nanalysis: interval {args.interval}s, window {args.window}s, minRequests {args.min_requests}, "
           f"{args.rps} req/s replayed from the Azure LLM trace; a stopped Prometheus cost one run "
           f"{unreachable_seconds:.2f}s (all errors: {unreachable_all_errors})")
     if args.json:
         args.json.write_text(json.dumps({
-            "spec": spec.to_dict(), "rps": args.rps, "scenarios": results,
+            "spec": spec.to_dict(), "rps": args.rps, "repeat": args.repeat, "summary": summary, "scenarios": results,
             "prometheus_unreachable_run_seconds": round(unreachable_seconds, 3),
         }, indent=2))
     return 0

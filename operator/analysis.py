@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
@@ -242,7 +242,7 @@ class CheckResult:
             name=str(data.get("name", "")),
             metric=str(data.get("metric", "")),
             verdict=_enum_or(Verdict, data.get("verdict"), Verdict.INCONCLUSIVE),
-            threshold=float(data.get("threshold") or 0.0),
+            threshold=_float_or_none(data.get("threshold")) or 0.0,
             value=_float_or_none(data.get("value")),
             baseline=_float_or_none(data.get("baseline")),
             message=str(data.get("message", "")),
@@ -427,12 +427,12 @@ class AnalysisState:
         verdict = data.get("lastVerdict")
         return cls(
             phase=_enum_or(Phase, data.get("phase"), Phase.RUNNING),
-            started_at=float(data.get("startedAt") or 0.0),
+            started_at=_float_or_none(data.get("startedAt")) or 0.0,
             last_run_at=_float_or_none(data.get("lastRunAt")),
-            runs=int(data.get("runs") or 0),
-            successful_runs=int(data.get("successfulRuns") or 0),
-            consecutive_failures=int(data.get("consecutiveFailures") or 0),
-            consecutive_inconclusive=int(data.get("consecutiveInconclusive") or 0),
+            runs=_count(data.get("runs")),
+            successful_runs=_count(data.get("successfulRuns")),
+            consecutive_failures=_count(data.get("consecutiveFailures")),
+            consecutive_inconclusive=_count(data.get("consecutiveInconclusive")),
             last_verdict=_enum_or(Verdict, verdict, None) if verdict else None,
             checks=tuple(CheckResult.from_dict(item) for item in data.get("checks") or ()),
             reason=str(data.get("reason") or ""),
@@ -585,6 +585,11 @@ def _float_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _count(value: Any) -> int:
+    number = _float_or_none(value)
+    return max(0, int(number)) if number is not None else 0
 
 
 def _enum_or(enum: type[Enum], value: Any, default: Any) -> Any:

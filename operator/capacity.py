@@ -271,8 +271,9 @@ def plan_capacity(
                                 "no replicas to add")
     if add_canary > 0 and add_stable > 0:
         if _fits_both(capacity, add_canary, gpus_per_canary_replica, add_stable, stable_gpus):
-            return CapacityDecision("Proceed", target_stable, target_canary, REASON_FITS,
-                                    f"{add_canary} canary and {add_stable} stable replica(s) fit: {capacity.describe()}")
+            return CapacityDecision(
+                "Proceed", target_stable, target_canary, REASON_FITS,
+                f"{add_canary} canary and {add_stable} stable replica(s) fit: {capacity.describe()}")
         needed = add_canary * gpus_per_canary_replica + add_stable * stable_gpus
         return CapacityDecision("Wait", current_stable, current_canary, REASON_INSUFFICIENT_GPU,
                                 f"needs {needed} more GPU(s) for {add_canary} canary and {add_stable} stable "

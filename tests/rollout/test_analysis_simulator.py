@@ -12,8 +12,22 @@ import threading
 
 import pytest
 
-from digital_worker.operator.analysis import REASON_FAILED, Action, AnalysisSpec, AnalysisState, Verdict, evaluate, measure_run
-from digital_worker.operator.metric_providers import ERROR_RATE, REQUEST_COUNT, TTFT_P95, PrometheusProvider, revision_queries
+from digital_worker.operator.analysis import (
+    REASON_FAILED,
+    Action,
+    AnalysisSpec,
+    AnalysisState,
+    Verdict,
+    evaluate,
+    measure_run,
+)
+from digital_worker.operator.metric_providers import (
+    ERROR_RATE,
+    REQUEST_COUNT,
+    TTFT_P95,
+    PrometheusProvider,
+    revision_queries,
+)
 
 sim = pytest.importorskip("digital_worker.runtime.sim")
 pytest.importorskip("aiohttp")

@@ -359,6 +359,10 @@ def test_status_dict_is_plain_json_and_tolerant_when_read_back():
     assert AnalysisState.from_dict(None) == AnalysisState()
     partial = AnalysisState.from_dict({"phase": "Bogus", "consecutiveFailures": 2, "lastVerdict": "Nope"})
     assert partial.phase is Phase.RUNNING and partial.consecutive_failures == 2 and partial.last_verdict is None
+    mangled = AnalysisState.from_dict({"startedAt": "yesterday", "runs": "many", "consecutiveInconclusive": -3,
+                                       "checks": [{"name": "maxErrorRate", "threshold": "x", "value": "NaN"}]})
+    assert (mangled.started_at, mangled.runs, mangled.consecutive_inconclusive) == (0.0, 0, 0)
+    assert mangled.checks[0].value is None and mangled.checks[0].verdict is Verdict.INCONCLUSIVE
 
 
 def test_state_restored_mid_analysis_decides_like_the_original():
@@ -374,7 +378,8 @@ def test_state_restored_mid_analysis_decides_like_the_original():
 
 def test_run_queries_ask_only_for_what_enabled_checks_need():
     spec = AnalysisSpec.from_dict({"maxTTFTP95Ratio": 1.2, "maxITLP95Ratio": None, "windowSeconds": 120})
-    canary, stable_queries = run_queries(spec, {"digitalworker_io_revision": "new"}, {"digitalworker_io_revision": "old"})
+    canary, stable_queries = run_queries(
+        spec, {"digitalworker_io_revision": "new"}, {"digitalworker_io_revision": "old"})
     assert set(canary) == {REQUEST_COUNT, ERROR_RATE, TTFT_P95}
     assert set(stable_queries) == {REQUEST_COUNT, TTFT_P95}
     assert all('digitalworker_io_revision="new"' in q.promql and "[120s]" in q.promql for q in canary.values())
