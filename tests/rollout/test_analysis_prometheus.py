@@ -110,7 +110,7 @@ class SGLangMetrics:
 class MetricsServer:
     """Serves one registry on loopback, always in one exposition format."""
 
-    def __init__(self, metrics: SGLangMetrics, port: int, openmetrics: bool) -> None:
+    def __init__(self, metrics: SGLangMetrics, openmetrics: bool) -> None:
         registry = metrics.registry
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -130,7 +130,8 @@ class MetricsServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        # Port 0: the kernel picks a free one (no race with other tests picking ports).
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -175,16 +176,13 @@ class Traffic:
 
 @pytest.fixture
 def fleet(prometheus):
-    from conftest import free_port
-
     colon, underscore = SGLangMetrics(), SGLangMetrics()
     colon.declare("stable", with_aborted=False)
     colon.declare("errors", with_aborted=True)
     colon.declare("broken", with_aborted=True)
     for revision in ("healthy", "slow", "idle"):
         underscore.declare(revision, with_aborted=True)
-    servers = [MetricsServer(colon, free_port(), openmetrics=False),
-               MetricsServer(underscore, free_port(), openmetrics=True)]
+    servers = [MetricsServer(colon, openmetrics=False), MetricsServer(underscore, openmetrics=True)]
     try:
         prometheus.set_targets("sglang-colon", [f"127.0.0.1:{servers[0].server.server_port}"])
         prometheus.set_targets("sglang-underscore", [f"127.0.0.1:{servers[1].server.server_port}"])
