@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 MARKER_NAME = ".digital-worker-model.json"
+VERIFIED_LEDGER_NAME = ".digital-worker-verified.jsonl"
 PARTIAL_DIR = ".partial"
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_TOKEN_PATH_ENV = "HF_TOKEN_PATH"
@@ -128,21 +129,29 @@ def fetch_model(
 
     started = time.monotonic()
     total = sum(item.size for item in files)
+    ledger = _VerifiedLedger(staging / VERIFIED_LEDGER_NAME)
     for index, item in enumerate(files, 1):
         target = staging / item.path
+        if _is_complete(target, item) and ledger.holds(item):
+            # Verified before the last restart: hashing it again would only cost time.
+            say(f"[{index}/{len(files)}] {item.path} already verified")
+            continue
+        computed = None
         if not _is_complete(target, item):
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                fetcher.download(item, target)
+                computed = fetcher.download(item, target)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise ModelFetchError(
                         f"model_cache_dir {cache}: disk full while writing {item.path}"
                     ) from None
                 raise
-        _verify(target, item, source)
+        _verify(target, item, source, computed)
+        ledger.add(item)
         say(f"[{index}/{len(files)}] {item.path} ({item.size} bytes) ok")
     fetcher.finish(staging)
+    ledger.path.unlink(missing_ok=True)
 
     record = {
         "source": source.uri,
@@ -198,14 +207,15 @@ def _is_complete(target: Path, item: RemoteFile) -> bool:
     return target.is_file() and target.stat().st_size == item.size
 
 
-def _verify(target: Path, item: RemoteFile, source: ModelSource) -> None:
+def _verify(target: Path, item: RemoteFile, source: ModelSource, computed: str | None = None) -> None:
+    """Check size and checksum; `computed` is the checksum a fetcher already took while writing."""
     size = target.stat().st_size
     if size != item.size:
         target.unlink()
         raise ModelFetchError(f"model_source {source.uri}: {item.path} has {size} bytes, expected {item.size}")
     if item.checksum_kind is None:
         return
-    actual = file_checksum(target, item.checksum_kind)
+    actual = computed or file_checksum(target, item.checksum_kind)
     if actual != item.checksum:
         # A corrupt file must not be resumed from: drop it so the next attempt starts it afresh.
         target.unlink()
@@ -215,22 +225,52 @@ def _verify(target: Path, item: RemoteFile, source: ModelSource) -> None:
         )
 
 
-def file_checksum(path: Path, kind: str) -> str:
+def new_digest(kind: str, size: int):
     if kind == "git-sha1":
         # Git hashes a blob as "blob <size>\0<content>": the Hub publishes this for non-LFS files.
-        digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    elif kind in ("sha256", "sha256-b64"):
-        digest = hashlib.sha256()
-    elif kind == "md5":
-        digest = hashlib.md5()
-    else:
-        raise ValueError(f"unknown checksum kind {kind!r}")
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
+        return hashlib.sha1(f"blob {size}\0".encode())
+    if kind in ("sha256", "sha256-b64"):
+        return hashlib.sha256()
+    if kind == "md5":
+        return hashlib.md5()
+    raise ValueError(f"unknown checksum kind {kind!r}")
+
+
+def digest_text(digest, kind: str) -> str:
     if kind == "sha256-b64":
         return base64.b64encode(digest.digest()).decode()
     return digest.hexdigest()
+
+
+def file_checksum(path: Path, kind: str) -> str:
+    digest = new_digest(kind, path.stat().st_size)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest_text(digest, kind)
+
+
+class _VerifiedLedger:
+    """Files of an unfinished download already verified, so a restart does not hash them again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: set[tuple[str, int, str | None]] = set()
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries.add((entry["path"], entry["size"], entry["checksum"]))
+                except (ValueError, KeyError):
+                    continue  # a line torn by the kill: that file is simply checked again
+
+    def holds(self, item: RemoteFile) -> bool:
+        return (item.path, item.size, item.checksum) in self.entries
+
+    def add(self, item: RemoteFile) -> None:
+        self.entries.add((item.path, item.size, item.checksum))
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"path": item.path, "size": item.size, "checksum": item.checksum}) + "\n")
 
 
 def _atomic_replace(staging: Path, final: Path) -> None:
@@ -248,7 +288,8 @@ class _Fetcher:
     def list_files(self) -> list[RemoteFile]:
         raise NotImplementedError
 
-    def download(self, item: RemoteFile, target: Path) -> None:
+    def download(self, item: RemoteFile, target: Path) -> str | None:
+        """Write the file (resuming a partial one); return its checksum if taken while writing."""
         raise NotImplementedError
 
     def finish(self, staging: Path) -> None:
@@ -285,7 +326,7 @@ class _HubFetcher(_Fetcher):
                 files.append(RemoteFile(entry.path, entry.size, "git-sha1", entry.blob_id))
         return sorted(files, key=lambda f: f.path)
 
-    def download(self, item: RemoteFile, target: Path) -> None:
+    def download(self, item: RemoteFile, target: Path) -> str | None:
         from huggingface_hub import hf_hub_download
 
         staging = target.parents[len(Path(item.path).parts) - 1]
@@ -300,6 +341,7 @@ class _HubFetcher(_Fetcher):
                 token=self.token or False,
                 endpoint=self.endpoint,
             )
+        return None  # the library wrote it: read it back to verify
 
     def finish(self, staging: Path) -> None:
         shutil.rmtree(staging / ".cache", ignore_errors=True)
@@ -378,18 +420,27 @@ class _S3Fetcher(_Fetcher):
             return RemoteFile(relative, entry["Size"], "md5", etag)
         return RemoteFile(relative, entry["Size"])  # multipart without stored checksum: size only
 
-    def download(self, item: RemoteFile, target: Path) -> None:
+    def download(self, item: RemoteFile, target: Path) -> str | None:
         key = f"{self.prefix}/{item.path}" if self.prefix else item.path
         have = target.stat().st_size if target.is_file() else 0
         if have > item.size:
             target.unlink()
             have = 0
+        # Hash as the bytes go by (the part already on disk first), instead of reading the file again.
+        digest = new_digest(item.checksum_kind, item.size) if item.checksum_kind else None
+        if digest is not None and have:
+            with open(target, "rb") as handle:
+                for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                    digest.update(chunk)
         with self._errors():
             extra = {"Range": f"bytes={have}-"} if have else {}
             body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
             with open(target, "ab" if have else "wb") as handle:
                 for chunk in iter(lambda: body.read(_CHUNK), b""):
                     handle.write(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+        return digest_text(digest, item.checksum_kind) if digest is not None else None
 
     def _errors(self):
         return _translate_s3_errors(self.source)

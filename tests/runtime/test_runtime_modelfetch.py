@@ -254,3 +254,25 @@ def test_cli_fetch_prints_the_path_and_fails_in_one_line(hub, tmp_path):
                          capture_output=True, text=True, env=env, timeout=120, cwd="/")
     assert bad.returncode == 2 and "repository not found" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_restart_after_a_kill_keeps_verified_files(s3, tmp_path):
+    """A pod killed mid-download: files verified before the kill are neither fetched nor hashed again."""
+    def kill_after_weights(line: str) -> None:
+        if "model.safetensors" in line and line.endswith("ok"):
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        fetch_model("s3://models/tiny-llm", tmp_path / "cache", progress=kill_after_weights)
+    assert not (tmp_path / "cache" / "s3--models--tiny-llm").exists()  # nothing half-done is served
+    lines: list[str] = []
+    path = fetch_model("s3://models/tiny-llm", tmp_path / "cache", progress=lines.append)
+    assert "[2/4] model.safetensors already verified" in lines
+    assert "[1/4] config.json already verified" in lines
+    assert any(line.startswith("[4/4] tokenizer.json") and line.endswith("ok") for line in lines)
+    assert_model_tree(path)
+    assert not (path / ".digital-worker-verified.jsonl").exists()
