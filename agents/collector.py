@@ -283,8 +283,10 @@ class GpuCollector:
                     device.xid_counts[xid] = device.xid_counts.get(xid, 0) + 1
                     if xid in self.fatal_xids:
                         device.fatal_xid = xid
-                    log.warning("GPU %d (%s): XID %d%s", device.index, uuid, xid,
-                                " (fatal)" if xid in self.fatal_xids else "")
+                    count = device.xid_counts[xid]
+                    if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th...: a storm must not flood the log
+                        log.warning("GPU %d (%s): XID %d%s (seen %d times)", device.index, uuid, xid,
+                                    " (fatal)" if xid in self.fatal_xids else "", count)
                     return
         log.warning("XID %d on unknown GPU %s", xid, uuid)
 

@@ -251,3 +251,14 @@ def test_label_cache_does_not_grow_with_pod_churn(fake):
                   for device in collector.devices}
         collector.families(owners)
     assert len(collector._label_cache) == len(collector.devices)
+
+
+def test_an_xid_storm_is_counted_exactly_but_logged_sparsely(fake, caplog):
+    collector = GpuCollector(fake, "node-a")
+    collector.start()
+    with caplog.at_level("WARNING", logger="digital_worker.agents.collector"):
+        for _ in range(1000):
+            collector.record_xid(collector.devices[0].uuid, 13)
+    assert collector.devices[0].xid_counts == {13: 1000}
+    assert collector.devices[0].healthy  # XID 13 is an application error, not a GPU fault
+    assert len([r for r in caplog.records if "XID 13" in r.getMessage()]) == 10  # 1, 2, 4, ... 512

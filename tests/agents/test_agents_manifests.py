@@ -118,3 +118,13 @@ def test_through_the_digital_worker_command():
     with pytest.raises(SystemExit) as exit_info:
         main(["agent", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_manifests_round_trip_through_the_kubernetes_models():
+    # The kubernetes client's typed models drop any field they do not know: a typo would vanish here.
+    kubernetes = pytest.importorskip("kubernetes")
+    client = kubernetes.client.ApiClient()
+    daemonset, service = agent_manifests("gpu-system", "img:1", tolerations=[{"operator": "Exists"}])
+    for manifest, model in ((daemonset, "V1DaemonSet"), (service, "V1Service")):
+        typed = client._ApiClient__deserialize(manifest, model)
+        assert client.sanitize_for_serialization(typed) == manifest, model
