@@ -264,6 +264,13 @@ class RemoteHost:
         result = CommandResult(shown, status, self.redact(out), self.redact(err))
         self.transcript.append(result)
         log.info("host %s [%s]: exit %d", self.name, step, status)
+        if full != command and status != 0 and err.startswith("sudo:"):
+            # Whatever the step, the real problem is the login user's rights.
+            raise CommandFailed(
+                f"host {self.name}: user {self.target.user} needs passwordless sudo for {step!r} "
+                f"({result.stderr.strip().splitlines()[0]})",
+                status, result.stderr,
+            )
         if check and status != 0:
             tail = result.stderr.strip().splitlines()[-5:] or result.stdout.strip().splitlines()[-5:]
             raise CommandFailed(

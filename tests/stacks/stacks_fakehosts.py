@@ -180,6 +180,8 @@ class FakeHost:
     port: int
     host_key: str  # "ssh-ed25519 AAAA..."
     process: subprocess.Popen | None = None
+    # Files bind-mounted over the real ones inside this host's namespace (e.g. a passwd with a login user).
+    overlays: dict[str, Path] | None = None
 
     @property
     def bin(self) -> Path:
@@ -190,7 +192,9 @@ class FakeHost:
         return self.root / "varlib"
 
     def start(self) -> None:
+        extra = "".join(f"mount --bind {source} {target} && " for target, source in (self.overlays or {}).items())
         script = (
+            extra +
             f"mount --bind {self.bin} /usr/local/bin && mount --bind {self.varlib} /var/lib && "
             # root's own home per host: no ~/.bashrc of this machine runs in every session.
             f"mount --bind {self.root / 'home'} /root && "
@@ -266,7 +270,9 @@ class FakeFleet:
         self.installer = make_installer(self.cluster)
 
     def add_host(self, name: str, *, gpu: str | None = "NVIDIA A100-SXM4-80GB", gpus: int = 2,
-                 toolkit: bool = True) -> FakeHost:
+                 toolkit: bool = True, login_user: str | None = None, sudo: bool = True) -> FakeHost:
+        """`login_user`: a non-root account on this host only (passwd/group/shadow overlays), with
+        passwordless sudo when `sudo`, like a cloud image's default user."""
         root = self.workdir / name
         for sub in ("bin", "varlib", "home"):
             (root / sub).mkdir(parents=True)
@@ -277,7 +283,7 @@ class FakeFleet:
             Port {port}
             ListenAddress 127.0.0.1
             HostKey {root / 'host_key'}
-            AuthorizedKeysFile {root / 'authorized_keys'}
+            AuthorizedKeysFile %h/.ssh/authorized_keys {root / 'authorized_keys'}
             PasswordAuthentication no
             KbdInteractiveAuthentication no
             PermitRootLogin prohibit-password
@@ -288,12 +294,36 @@ class FakeFleet:
             LogLevel VERBOSE
             """))
         public = (root / "host_key.pub").read_text().split()
-        host = FakeHost(name=name, root=root, port=port, host_key=f"{public[0]} {public[1]}")
+        overlays = self._login_user_overlays(root, login_user, sudo) if login_user else None  # after authorized_keys
+        host = FakeHost(name=name, root=root, port=port, host_key=f"{public[0]} {public[1]}", overlays=overlays)
         host.set_gpu(gpu, gpus)
         host.set_toolkit(toolkit)
         host.start()
         self.hosts.append(host)
         return host
+
+    @staticmethod
+    def _login_user_overlays(root: Path, user: str, sudo: bool) -> dict[str, Path]:
+        etc = root / "etc"
+        (etc / "sudoers.d").mkdir(parents=True)
+        # The login user's home is mounted on /mnt inside the namespace: the pytest tmp path is
+        # root-only, and sshd reads a user's authorized_keys as that user.
+        home = root / f"home-{user}"
+        (home / ".ssh").mkdir(parents=True)
+        shutil.copy(root / "authorized_keys", home / ".ssh" / "authorized_keys")
+        for path in (home, home / ".ssh", home / ".ssh" / "authorized_keys"):
+            os.chown(path, 4242, 4242)
+        for name, line in (("passwd", f"{user}:x:4242:4242::/mnt:/bin/sh"), ("group", f"{user}:x:4242:"),
+                           ("shadow", f"{user}:*:20000:0:99999:7:::")):
+            original = Path(f"/etc/{name}").read_text()
+            (etc / name).write_text(original.rstrip("\n") + "\n" + line + "\n")
+            (etc / name).chmod(Path(f"/etc/{name}").stat().st_mode & 0o777)
+        if sudo:
+            rule = etc / "sudoers.d" / "digital-worker-test"
+            rule.write_text(f"{user} ALL=(ALL) NOPASSWD:ALL\n")
+            rule.chmod(0o440)
+        return {"/etc/passwd": etc / "passwd", "/etc/group": etc / "group", "/etc/shadow": etc / "shadow",
+                "/etc/sudoers.d": etc / "sudoers.d", "/mnt": home}
 
     def node(self, name: str) -> dict | None:
         import json

@@ -279,3 +279,24 @@ def test_check_reports_bad_config(provider):
     assert "not a valid Kubernetes label" in reasons
     assert "taint 'nodot'" in reasons
     assert provider.check({}, {"address": "x"}).failures[0].property == "node_name"
+
+
+def test_non_root_login_uses_sudo_for_every_change(fleet, provider):
+    import shutil
+
+    if shutil.which("sudo") is None:
+        pytest.skip("Debian's sudo is not installed")
+    host = fleet.add_host("gpu-a", login_user="dwadmin")
+    created = provider.create(host_props(fleet, host, "server", user="dwadmin", k3s_token=TOKEN))
+    assert created.outs["applied_labels"]["nvidia.com/gpu.present"] == "true"
+    token_file = host.varlib / "digital-worker" / "k3s-token"
+    assert token_file.stat().st_uid == 0 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert host.marker.stat().st_uid == 0
+    assert list((host.root / "home-dwadmin").glob(".dw-upload-*")) == []  # staging copies are gone
+    # The log shows each command as written; sudo is how it ran, not what it was.
+    assert not any("sudo" in c for c in created.outs["commands"])
+    # Without sudo rights the first privileged step fails, clearly, and nothing is recorded.
+    no_sudo = fleet.add_host("gpu-b", login_user="dwadmin", sudo=False)
+    with pytest.raises(RemoteError, match="gpu-b: user dwadmin needs passwordless sudo for 'check NVIDIA driver'"):
+        provider.create(host_props(fleet, no_sudo, "server", user="dwadmin", k3s_token=TOKEN))
+    assert not no_sudo.marker.exists()
