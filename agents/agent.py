@@ -134,13 +134,16 @@ class NodeAgent:
         return time.monotonic() - self.last_loop < max(30.0, 10 * self.config.interval)
 
     def ready(self) -> bool:
-        return bool(self.metrics_body)
+        return bool(self.metrics_body)  # the loop renders at least digital_worker_nvml_up
 
     # --- process --------------------------------------------------------------------------------
     def start(self) -> int:
         """Start collecting and serving; returns the bound port."""
-        self.collector.start()
-        self.collect_once()
+        try:
+            self.collector.start()
+            self.collect_once()
+        except Exception:  # whatever NVML or the kubelet did, serve what we have and keep retrying
+            log.exception("first collection failed")
         self._server = _HttpServer((self.config.listen_address, self.config.port), self)
         threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
         self._loop_thread = threading.Thread(target=self._loop, name="collector", daemon=True)

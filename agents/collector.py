@@ -206,13 +206,26 @@ class GpuCollector:
             self.driver_version = self._text(self.nvml.nvmlSystemGetDriverVersion())
         except Exception:
             self.driver_version = ""
+        try:
+            device_count = self.nvml.nvmlDeviceGetCount()
+        except Exception as exc:  # a driver in a bad state: same as no driver, try again later
+            if not self._init_failure_logged:
+                log.warning("NVML initialised but cannot count GPUs (%s); retrying every %ss",
+                            exc, self.nvml_retry_seconds)
+                self._init_failure_logged = True
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:
+                pass
+            self.nvml_up = False
+            return False
         devices = []
-        for index in range(self.nvml.nvmlDeviceGetCount()):
+        for index in range(device_count):
             try:
                 handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
                 uuid = self._text(self.nvml.nvmlDeviceGetUUID(handle))
                 model = self._text(self.nvml.nvmlDeviceGetName(handle))
-            except self._nvml_error as exc:
+            except Exception as exc:
                 # A GPU lost before we even saw its UUID still has to show up as unhealthy.
                 log.warning("GPU %d cannot be identified: %s", index, exc)
                 devices.append(GpuDevice(index=index, handle=None, uuid=f"unknown-gpu-{index}",

@@ -98,3 +98,27 @@ def test_nvml_backend_seam(tmp_path, monkeypatch):
     agent.collect_once()
     assert b"digital_worker_nvml_up" in agent.metrics_body and not agent.collector.nvml_up
     agent.stop()
+
+
+def test_a_driver_in_a_bad_state_never_stops_the_agent():
+    class BrokenDriver:
+        """nvmlInit works, then counting GPUs fails, as with a driver/library version mismatch."""
+
+        def __getattr__(self, name):
+            return getattr(nvml_fake, name)
+
+        def nvmlDeviceGetCount(self):
+            raise nvml_fake.NVMLError(nvml_fake.NVML_ERROR_LIB_RM_VERSION_MISMATCH)
+
+    nvml_fake.fake_configure(gpus=2)
+    agent = NodeAgent(AgentConfig(port=0, listen_address="127.0.0.1", interval=0.2, pod_resources_socket=None,
+                                  nvml_retry=0.1), nvml=BrokenDriver())
+    port = agent.start()
+    try:
+        time.sleep(0.5)  # a few retries
+        status, body = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and 'digital_worker_nvml_up{Hostname="' in body
+        assert [l for l in body.splitlines() if l.startswith("digital_worker_nvml_up")][0].endswith(" 0")
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    finally:
+        agent.stop()
