@@ -148,9 +148,12 @@ def supervise(
 
     previous_handlers = {}
     child: subprocess.Popen | None = None
+    early_signals: list[int] = []  # arrived before the child existed: delivered once it does
 
     def forward(signum, _frame) -> None:
-        if child is not None and child.poll() is None:
+        if child is None:
+            early_signals.append(signum)
+        elif child.poll() is None:
             child.send_signal(signum)
 
     # Handlers go in before the child exists, so a SIGTERM arriving during start-up is not lost.
@@ -170,8 +173,13 @@ def supervise(
         )
         if write_fd is not None:
             os.close(read_fd)
-            with os.fdopen(write_fd, "w", encoding="utf-8") as pipe:
-                pipe.write(plan.api_key)
+            try:
+                with os.fdopen(write_fd, "w", encoding="utf-8") as pipe:
+                    pipe.write(plan.api_key)
+            except BrokenPipeError:
+                pass  # the child died at once; its exit code says why
+        for signum in early_signals:
+            child.send_signal(signum)
         relays = [
             threading.Thread(target=_relay, args=(child.stdout, out, secrets), daemon=True),
             threading.Thread(target=_relay, args=(child.stderr, err, secrets), daemon=True),
