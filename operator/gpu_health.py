@@ -72,6 +72,7 @@ class PodInfo:
     name: str
     node: str
     ready: bool
+    terminating: bool = False  # deletionTimestamp set: already on its way out (e.g. after an operator restart)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def decide(context: GpuHealthContext) -> tuple[GpuHealthDecision, GpuHealthState
 
     # Pods: only this worker's pods that an attributed GPU sample points at.
     pods = {pod.name: pod for pod in context.pods}
-    replaced = context.state.replaced_pods & pods.keys()
+    replaced = (context.state.replaced_pods & pods.keys()) | {pod.name for pod in context.pods if pod.terminating}
     candidates: dict[str, PodReplacement] = {}
     for sample, fault in faulty:
         if not sample.pod or sample.pod not in pods or sample.pod in replaced or sample.pod in candidates:

@@ -195,3 +195,15 @@ def test_gpu_load_of_a_workers_pods():
     load = gpu_load_from_query_result(result, NS, ["w-1", "w-2"])
     assert (load.gpus, load.mean_utilisation, load.max_memory_used_fraction) == (2, 0.6, 0.75)
     assert gpu_load_from_query_result(result, NS, ["w-9"]) is None
+
+
+def test_terminating_pods_are_neither_deleted_again_nor_counted_available():
+    # After an operator restart the state is empty, but the API still shows the pod terminating.
+    pod_list = (PodInfo("w-0", "n0", True, terminating=True),) + pods(("w-1", "n1", True), ("w-2", "n2", True),
+                                                                      ("w-3", "n3", True))
+    samples = [sample("n0", 0, "w-0", xid=79), sample("n1", 0, "w-1", xid=79)]
+    decision, state = decide(context(pod_list, samples, replicas=4, max_unavailable_share=0.25,
+                                     tainted_nodes=frozenset({"n0"})))
+    assert decision.delete_pods == ()  # w-0 is going already and uses the one-replica budget
+    assert [r.pod for r in decision.held_back] == ["w-1"]
+    assert state.replaced_pods == {"w-0"}

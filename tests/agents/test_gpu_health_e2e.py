@@ -71,6 +71,9 @@ def test_injected_xid_replaces_the_pod_taints_the_node_and_records_events(tmp_pa
             return [p for p in core.list_namespaced_pod(NAMESPACE, label_selector="app=worker").items
                     if not p.metadata.deletion_timestamp]
 
+        def pod_infos():
+            return tuple(PodInfo(p.metadata.name, p.spec.node_name, _ready(p)) for p in worker_pods())
+
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and sum(_ready(p) for p in worker_pods()) < 4:
             time.sleep(0.2)
@@ -107,11 +110,10 @@ def test_injected_xid_replaces_the_pod_taints_the_node_and_records_events(tmp_pa
             deleted: list[str] = []
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not deleted:
-                pod_infos = tuple(PodInfo(p.metadata.name, p.spec.node_name, _ready(p)) for p in worker_pods())
                 tainted = frozenset(n.metadata.name for n in core.list_node().items
                                     if any(t.key == TAINT_KEY for t in (n.spec.taints or [])))
                 decision, state = decide(GpuHealthContext(
-                    namespace=NAMESPACE, pods=pod_infos, samples=tuple(fetch_gpu_health(prometheus.url)),
+                    namespace=NAMESPACE, pods=pod_infos(), samples=tuple(fetch_gpu_health(prometheus.url)),
                     tainted_nodes=tainted, replicas=4, max_unavailable_share=0.25, state=state))
                 apply_gpu_health_decision(core, NAMESPACE, decision)
                 deleted += [r.pod for r in decision.delete_pods]
@@ -138,9 +140,8 @@ def test_injected_xid_replaces_the_pod_taints_the_node_and_records_events(tmp_pa
             assert [(e.involved_object.kind, e.involved_object.name) for e in node_events] == [("Node", "gpu-node-1")]
 
             # Another reconcile with the same samples changes nothing: no second delete, taint or Event.
-            pod_infos = tuple(PodInfo(p.metadata.name, p.spec.node_name, _ready(p)) for p in worker_pods())
             decision, state = decide(GpuHealthContext(
-                namespace=NAMESPACE, pods=pod_infos, samples=tuple(fetch_gpu_health(prometheus.url)),
+                namespace=NAMESPACE, pods=pod_infos(), samples=tuple(fetch_gpu_health(prometheus.url)),
                 tainted_nodes=frozenset({"gpu-node-1"}), replicas=4, state=state))
             assert decision.idle
         finally:
