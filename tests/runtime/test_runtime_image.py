@@ -10,11 +10,12 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_http
 from digital_worker.runtime.contract import DEFAULT_IMAGE, SGLANG_VERSION
 from digital_worker.runtime.image import (
     ImageBuildError,
@@ -40,12 +41,15 @@ cgroup_manager = "cgroupfs"
 class PodmanService:
     """`podman system service` on a unix socket, with its own storage (vfs) under a temp folder."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, insecure_registry: str) -> None:
         self.workdir = workdir
         self.socket = workdir / "podman.sock"
         self.url = f"unix://{self.socket}"
         (workdir / "containers.conf").write_text(CONTAINERS_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(workdir / "containers.conf")}
+        # The test registry speaks plain HTTP on loopback: podman must be told so.
+        (workdir / "registries.conf").write_text(f'[[registry]]\nlocation = "{insecure_registry}"\ninsecure = true\n')
+        self.env = {**os.environ, "CONTAINERS_CONF": str(workdir / "containers.conf"),
+                    "CONTAINERS_REGISTRIES_CONF": str(workdir / "registries.conf")}
         self.base_args = ["podman", "--storage-driver=vfs", f"--root={workdir / 'root'}",
                           f"--runroot={workdir / 'runroot'}"]
         self.process: subprocess.Popen | None = None
@@ -80,10 +84,15 @@ class PodmanService:
 
 
 @pytest.fixture(scope="module")
-def podman(tmp_path_factory):
+def registry_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory, registry_address):
     if shutil.which("podman") is None or shutil.which("busybox") is None:
         pytest.fail("Debian's podman and busybox-static packages are needed (.ci/run installs them)")
-    service = PodmanService(tmp_path_factory.mktemp("podman"))
+    service = PodmanService(tmp_path_factory.mktemp("podman"), registry_address)
     service.start()
     try:
         service.import_busybox("localhost/sglang-base:test")
@@ -263,3 +272,39 @@ def test_ssh_host_with_unknown_host_key_is_refused(ssh_engine, tmp_path):
     (Path(os.environ["HOME"]) / ".ssh" / "known_hosts").write_text("")  # nothing trusted
     with pytest.raises(ImageBuildError, match="docker_host"):
         build_image("localhost/sglang-base:test", "localhost/dw-sglang:ssh2", docker_host=ssh_engine)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, registry_address):
+    """A real image registry (Debian's docker-registry, the Distribution v2 server) on loopback."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.fail("Debian's docker-registry package is needed (.ci/run installs it)")
+    workdir = tmp_path_factory.mktemp("registry")
+    (workdir / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
+        f"http:\n  addr: {registry_address}\n")
+    with open(workdir / "registry.log", "wb") as log:
+        process = subprocess.Popen([binary, "serve", str(workdir / "config.yml")], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd="/")
+    try:
+        wait_http(f"http://{registry_address}/v2/", timeout=30)
+        yield registry_address
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_push_to_a_real_registry(podman, registry):
+    lines: list[str] = []
+    tag = f"{registry}/digital-worker/sglang-runtime:test"
+    result = build_image("localhost/sglang-base:test", tag, docker_host=podman.url, push=True, progress=lines.append)
+    assert result.pushed and f"pushed {tag}" in lines
+    with urllib.request.urlopen(f"http://{registry}/v2/digital-worker/sglang-runtime/tags/list", timeout=5) as response:
+        assert json.load(response)["tags"] == ["test"]
+    request = urllib.request.Request(f"http://{registry}/v2/digital-worker/sglang-runtime/manifests/test",
+                                     headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+                                                        "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        manifest = json.load(response)
+    assert len(manifest["layers"]) == 2  # the busybox base and our COPY layer
