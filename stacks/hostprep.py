@@ -362,6 +362,9 @@ def prepare_node(
                 and marker.get("install") == fingerprint
                 and marker.get("token") == token_fingerprint(token)
             )
+            if not needs_install and not _node_registered(host, plan, token, command_timeout, transcript):
+                # Prepared once, but its Node object is gone (deleted by hand): join again.
+                needs_install = True
             if needs_install:
                 install_k3s(host, plan, token, labels)
             if plan.role == "server":
@@ -397,6 +400,21 @@ def prepare_node(
     return prepared, transcript
 
 
+def _node_registered(host: RemoteHost, plan: NodePlan, token: str, command_timeout: float,
+                     transcript: list[str]) -> bool:
+    command = f"k3s kubectl get node {shlex.quote(plan.node_name)} -o name"
+    if plan.role == "server":
+        return host.run(command, step=f"find node {plan.node_name}", check=False).status == 0
+    if plan.server_target is None:
+        return True  # a cluster we do not manage: the marker is all we can go by
+    with RemoteHost(plan.server_target, name=f"{plan.node_name}@server", secrets=[token],
+                    command_timeout=command_timeout) as server:
+        try:
+            return server.run(command, step=f"find node {plan.node_name}", check=False).status == 0
+        finally:
+            transcript.extend(f"{plan.node_name}@server: $ {r.command} -> {r.status}" for r in server.transcript)
+
+
 def _relabel_from_server(
     plan: NodePlan, token: str, labels: dict[str, str],
     previously_managed_labels: dict[str, str] | None, previously_managed_taints: tuple[str, ...],
@@ -415,6 +433,46 @@ def _relabel_from_server(
             )
         finally:
             transcript.extend(f"{plan.node_name}@server: $ {r.command} -> {r.status}" for r in server.transcript)
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What `pulumi refresh` learns about a prepared host."""
+
+    present: bool  # False: wiped, reinstalled, or deleted from the cluster; the next `up` recreates it
+    drift: tuple[str, ...] = ()  # managed labels/taints that no longer match what was applied
+
+
+def inspect_node(
+    plan: NodePlan, applied_labels: dict[str, str], applied_taints: tuple[str, ...], *, command_timeout: float = 120.0,
+) -> NodeReport:
+    """Read-only: is the host still our node, and do its labels and taints still match? Changes nothing."""
+    with RemoteHost(plan.target, name=plan.node_name, command_timeout=command_timeout) as host:
+        marker = read_marker(host)
+        has_k3s = host.run("command -v k3s", step="check k3s", check=False).status == 0
+        if not marker or marker.get("node_name") != plan.node_name or not has_k3s:
+            return NodeReport(present=False)
+        if plan.role == "server":
+            return _compare_node(host, plan.node_name, applied_labels, applied_taints)
+    if plan.server_target is None:
+        return NodeReport(present=True)  # a cluster we do not manage: nothing to ask
+    with RemoteHost(plan.server_target, name=f"{plan.node_name}@server", command_timeout=command_timeout) as server:
+        return _compare_node(server, plan.node_name, applied_labels, applied_taints)
+
+
+def _compare_node(kubectl_host: RemoteHost, node_name: str, applied_labels: dict[str, str],
+                  applied_taints: tuple[str, ...]) -> NodeReport:
+    result = kubectl_host.run(f"k3s kubectl get node {shlex.quote(node_name)} -o json",
+                              step=f"read node {node_name}", check=False)
+    if result.status != 0:
+        return NodeReport(present=False)
+    node = json.loads(result.stdout)
+    labels = node["metadata"].get("labels") or {}
+    taints = {(t["key"], t.get("value", "") or "", t["effect"]) for t in (node.get("spec", {}).get("taints") or [])}
+    drift = [f"label {k}: {labels.get(k)!r} instead of {v!r}" for k, v in sorted(applied_labels.items())
+             if labels.get(k) != v]
+    drift += [f"taint {t} missing" for t in applied_taints if _split_taint(t) not in taints]
+    return NodeReport(present=True, drift=tuple(drift))
 
 
 def remove_node(plan: NodePlan, *, command_timeout: float = 900.0, drain_timeout: str = "300s") -> list[str]:

@@ -19,6 +19,7 @@ from pulumi.dynamic import (
     CheckResult,
     CreateResult,
     DiffResult,
+    ReadResult,
     ResourceProvider,
     UpdateResult,
 )
@@ -39,7 +40,7 @@ UPDATE_KEYS = (
 # Outputs only the provider fills in; declared so Pulumi exposes them on the resource.
 OUTPUT_KEYS = (
     "server_url", "gpu_product", "gpu_count", "driver_version", "toolkit_version", "applied_labels", "applied_taints",
-    "host_key_seen", "kubeconfig", "commands",
+    "host_key_seen", "kubeconfig", "commands", "drift",
 )
 SECRET_KEYS = ["private_key", "server_private_key", "k3s_token", "kubeconfig"]
 
@@ -124,6 +125,8 @@ class GpuHostProvider(ResourceProvider):
         if news.get("k3s_token") and not _same(olds.get("k3s_token"), news.get("k3s_token")):
             replaces.append("k3s_token")
         updates = [k for k in UPDATE_KEYS if not _same(olds.get(k), news.get(k))]
+        if olds.get("drift"):
+            updates.append("drift")  # `pulumi refresh` saw the node differ from what we applied
         return DiffResult(
             changes=bool(replaces or updates),
             replaces=replaces,
@@ -155,6 +158,7 @@ class GpuHostProvider(ResourceProvider):
             "server_url": props.get("server_url")
             or (f"https://{plan.target.address}:{hostprep.K3S_PORT}" if plan.role == "server" else None),
             "commands": transcript,
+            "drift": [],
         })
         return outs
 
@@ -172,6 +176,16 @@ class GpuHostProvider(ResourceProvider):
         if not props.get("host_key") and olds.get("host_key_seen"):
             props["host_key_seen"] = olds["host_key_seen"]
         return UpdateResult(self._prepare(props, token, olds))
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        """`pulumi refresh`: a wiped or removed node reads as gone; changed labels/taints as drift."""
+        report = hostprep.inspect_node(
+            plan_from_props(props), dict(props.get("applied_labels") or {}), tuple(props.get("applied_taints") or ()),
+        )
+        if not report.present:
+            log.info("host %s: no longer prepared (marker, k3s or node object missing)", props.get("node_name"))
+            return ReadResult(None, {})
+        return ReadResult(id_, {**props, "drift": list(report.drift)})
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         for line in hostprep.remove_node(plan_from_props(props)):

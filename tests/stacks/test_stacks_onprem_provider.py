@@ -300,3 +300,53 @@ def test_non_root_login_uses_sudo_for_every_change(fleet, provider):
     with pytest.raises(RemoteError, match="gpu-b: user dwadmin needs passwordless sudo for 'check NVIDIA driver'"):
         provider.create(host_props(fleet, no_sudo, "server", user="dwadmin", k3s_token=TOKEN))
     assert not no_sudo.marker.exists()
+
+
+def test_refresh_reports_drift_and_the_next_up_repairs_it(fleet, provider):
+    import json
+
+    server_host = fleet.add_host("gpu-a")
+    agent_host = fleet.add_host("gpu-b")
+    server = provider.create(host_props(fleet, server_host, "server", k3s_token=TOKEN))
+    props = agent_props(fleet, agent_host, server_host, server.outs, labels={"pool": "prod"})
+    agent = provider.create(props)
+    assert provider.read(agent.id, agent.outs).outs["drift"] == []
+
+    # Someone edits the node behind Pulumi's back.
+    node_file = fleet.cluster / "nodes" / "gpu-b.json"
+    node = json.loads(node_file.read_text())
+    node["metadata"]["labels"]["pool"] = "adhoc"
+    node["spec"]["taints"] = []
+    node_file.write_text(json.dumps(node))
+
+    refreshed = provider.read(agent.id, agent.outs)
+    assert refreshed.id == agent.id
+    assert refreshed.outs["drift"] == ["label pool: 'adhoc' instead of 'prod'",
+                                       "taint nvidia.com/gpu=present:NoSchedule missing"]
+    diff = provider.diff(agent.id, refreshed.outs, props)
+    assert diff.changes is True and diff.replaces == []
+    repaired = provider.update(agent.id, refreshed.outs, props)
+    assert repaired.outs["drift"] == []
+    node = fleet.node("gpu-b")
+    assert node["metadata"]["labels"]["pool"] == "prod" and node["spec"]["taints"]
+    assert fleet.installs() == ["gpu-a server", "gpu-b agent"]  # repaired without reinstalling
+
+
+def test_refresh_sees_a_wiped_host_or_deleted_node_as_gone(fleet, provider):
+    import subprocess
+
+    server_host = fleet.add_host("gpu-a")
+    agent_host = fleet.add_host("gpu-b")
+    server = provider.create(host_props(fleet, server_host, "server", k3s_token=TOKEN))
+    agent = provider.create(agent_props(fleet, agent_host, server_host, server.outs))
+    (fleet.cluster / "nodes" / "gpu-b.json").unlink()  # `kubectl delete node gpu-b` by hand
+    assert provider.read(agent.id, agent.outs).id is None
+
+    # The next `up` creates it again: the marker alone does not stop the host from rejoining.
+    agent = provider.create(agent_props(fleet, agent_host, server_host, server.outs))
+    assert fleet.installs() == ["gpu-a server", "gpu-b agent", "gpu-b agent"]
+    assert provider.read(agent.id, agent.outs).id == agent.id
+    # The host is reinstalled: k3s and our marker are gone.
+    subprocess.run([str(agent_host.bin / "k3s-agent-uninstall.sh")], check=True)
+    agent_host.marker.unlink()
+    assert provider.read(agent.id, agent.outs).id is None
