@@ -75,6 +75,13 @@ def test_prometheus_scrapes_the_agent_and_sees_an_injected_xid(tmp_path, prometh
         # Counters arrive under dcgm-exporter's exact names.
         assert len(prometheus.query("DCGM_FI_DEV_PCIE_REPLAY_COUNTER")) == 8
         assert prometheus.query("digital_worker_nvml_up")[0]["value"][1] == "1"
+        # Queries in the style of NVIDIA's DCGM exporter Grafana dashboard work unchanged.
+        for promql, series in (('avg by (gpu, Hostname) (DCGM_FI_DEV_GPU_TEMP{Hostname=~"gpu-node-7"})', 8),
+                               ("sum by (Hostname) (DCGM_FI_DEV_POWER_USAGE)", 1),
+                               ('DCGM_FI_DEV_SM_CLOCK{gpu=~"0|1"} * 1000000', 2),
+                               ("DCGM_FI_DEV_FB_USED / (DCGM_FI_DEV_FB_USED + DCGM_FI_DEV_FB_FREE)", 8),
+                               ("rate(DCGM_FI_DEV_PCIE_REPLAY_COUNTER[1m])", 8)):
+            assert len(prometheus.wait_for(promql, timeout=30)) == series, promql
 
         agent.inject_xid(5, 79)
         xid = prometheus.wait_for("DCGM_FI_DEV_XID_ERRORS > 0", timeout=30)
