@@ -188,3 +188,19 @@ def test_component_outputs_that_carry_credentials_are_secret():
 def test_bad_stack_config_fails_before_any_resource(config, message):
     with pytest.raises(Exception, match=message):
         run_program(program(lambda *_: False), config=config)
+
+
+def test_the_program_folder_pulumi_runs_is_this_program():
+    """Pulumi.yaml's `main: stacks/program/` is executed the way the Python language host does (run_path)."""
+    import runpy
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "stacks" / "program"
+
+    def body():
+        runpy.run_path(str(folder), run_name="__main__")
+        return {}
+
+    run = run_program(body, config={"target": "existing", "prometheus": {"mode": "none"}})
+    assert run.one("kubernetes:apps/v1:Deployment", "digital-worker-operator")
+    assert not run.of_type("kubernetes:helm.sh/v3:Release")
