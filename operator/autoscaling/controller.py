@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from .forecast import Forecast, IncrementalForecaster, fit_forecaster
+from .forecast import MAX_FIT_BUCKETS, Forecast, IncrementalForecaster, fit_forecaster
 from .history import REQUEST_RATE, MetricHistory
 from .metrics import MetricsSource
 from .policy import HOLD, Decision, ForecastPolicy, ForecastPolicyState, PolicyContext, lead_time_seconds
@@ -149,7 +149,8 @@ class Autoscaler:
             return
         due = now - entry.last_fit_time >= spec.forecast.refit_interval_seconds or signature != entry.fit_signature
         # A first fit as soon as there are a few buckets; refit early while the history is young.
-        young = entry.forecaster is not None and entry.forecaster.model.observations < 0.5 * len(entry.bucket_values)
+        young = (entry.forecaster is not None
+                 and entry.forecaster.model.observations < 0.5 * min(len(entry.bucket_values), MAX_FIT_BUCKETS))
         if not (due or young):
             return
         horizon = max(1, math.ceil((lead + 1.5 * self.bucket_seconds) / self.bucket_seconds))

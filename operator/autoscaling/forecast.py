@@ -302,6 +302,15 @@ def fit_forecaster(
         pass
     scored = [_with_errors(candidate, values, horizon_buckets, quantile, started) for candidate in candidates]
     best = min(scored, key=lambda model: model.backtest_mae)
+    if len(values) < 2 * DAY_SECONDS / bucket_seconds and best.kind != "last-value":
+        # Young history: a fitted trend has been checked against little data, so its band is
+        # never allowed to be narrower than the naive model's (whose errors are just the changes).
+        naive = scored[0]
+        best = _replace(
+            best,
+            error_quantiles=tuple(max(a, b) for a, b in zip(best.error_quantiles, naive.error_quantiles)),
+            lower_quantiles=tuple(min(a, b) for a, b in zip(best.lower_quantiles, naive.lower_quantiles)),
+        )
     return _replace(best, fit_seconds=time.perf_counter() - started)
 
 

@@ -214,6 +214,10 @@ class ForecastPolicy:
         # Stabilization: scale down only to the highest recommendation in the window.
         window_start = context.now - spec.scale_down.stabilization_seconds
         recommendations = tuple((t, r) for t, r in state.recommendations if t > window_start) + ((context.now, target),)
+        if not state.recommendations:
+            # A fresh start (new object, operator restart) has not watched a whole window yet:
+            # count the replicas it found as a recommendation, so it cannot scale down at once.
+            recommendations = ((context.now, current),) + recommendations
         state = replace(state, recommendations=recommendations)
         desired = target
         if target < current:

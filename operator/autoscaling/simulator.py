@@ -42,7 +42,7 @@ from digital_worker.runtime.perfmodel import (
 )
 
 from .baselines import AibrixPolicy, DynamoPolicy, KedaPolicy, OraclePolicy, ReactiveHpaPolicy
-from .forecast import Forecast, IncrementalForecaster, fit_arima, fit_forecaster
+from .forecast import MAX_FIT_BUCKETS, Forecast, IncrementalForecaster, fit_arima, fit_forecaster
 from .history import (
     KV_CACHE_USAGE,
     QUEUE_LENGTH,
@@ -54,6 +54,8 @@ from .history import (
 from .policy import ForecastPolicy, PolicyContext
 from .spec import AutoscalingSpec, ForecastSpec, ScaleDownSpec
 
+# Buckets the Dynamo-like ARIMA is fitted on (a day of 5-minute buckets).
+ARIMA_WINDOW = 288
 # Requests that waited this long are abandoned by their clients (and already counted as misses).
 ABANDON_SECONDS = 120.0
 # The capacity every policy is given and the oracle plans with: the request rate one replica
@@ -204,14 +206,23 @@ def azure_workload(
     step_seconds: float = 5.0,
     bucket_seconds: float = 60.0,
 ) -> Workload:
-    """Replay a per-request trace: its own arrivals (counted per step) and sizes, optionally rescaled."""
+    """Replay a per-request trace: its own arrival rate and sizes, optionally rescaled.
+
+    The rate per step is the trace's one-minute moving rate times its own burst factors (the
+    over-Poisson part only): a plain rescale of raw counts would multiply the trace's Poisson
+    noise too, while the queueing model adds Poisson noise at the replayed rate itself.
+    """
     arrivals, prompts, outputs = read_azure_trace(path)
     counts = np.bincount((arrivals // step_seconds).astype(int)).astype(float)
-    rates = counts / step_seconds
+    window = max(1, int(round(60.0 / step_seconds)))
+    padded = np.concatenate([np.full(window, counts[:window].mean()), counts, np.full(window, counts[-window:].mean())])
+    smooth = np.convolve(padded, np.ones(window) / window, mode="same")[window:-window] / step_seconds
+    burst = BurstSampler(arrivals, step_seconds)
+    factors = np.ones(len(smooth))
+    edge = (len(smooth) - len(burst.factors)) // 2
+    factors[edge:edge + len(burst.factors)] = burst.factors[: len(smooth) - edge]
+    rates = smooth * factors
     if peak_rps:
-        # Peak of the minute-smoothed rate: a single busy step should not set the scale.
-        window = max(1, int(round(60.0 / step_seconds)))
-        smooth = np.convolve(rates, np.ones(window) / window, mode="same")
         rates = rates * (peak_rps / float(smooth.max()))
     return Workload(Path(path).stem, step_seconds, rates, 0.0, np.zeros(0), bucket_seconds,
                     request_sizes(prompts, outputs))
@@ -432,10 +443,10 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
     steps_per_bucket = max(1, int(round(workload.bucket_seconds / step)))
     oracle_need = _oracle_needs(workload, fleet_model, lead) if runner.forecaster == "oracle" else None
 
-    initial_rate = float(np.mean(rates[: steps_per_tick])) if len(rates) else 0.0
-    initial = min(config.max_replicas, max(config.min_replicas, math.ceil(initial_rate / capacity * 1.2)))
-    if oracle_need is not None and len(oracle_need):
-        initial = max(config.min_replicas, int(oracle_need[0]))
+    # Every policy starts from the same warm fleet, sized for the first minutes as if it had been
+    # running all along: the comparison is about following demand, not about a cold first tick.
+    warm_need = _oracle_needs(workload, fleet_model, lead)
+    initial = min(config.max_replicas, max(config.min_replicas, int(warm_need[0]) if len(warm_need) else 0))
     fleet = _Fleet(initial, workload.start_time, config.cold_start_seconds)
 
     # Forecaster state (ours or ARIMA): bucket series = history + observed buckets.
@@ -453,7 +464,7 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
         if runner.forecaster == "ets":
             model = fit_forecaster(buckets, workload.bucket_seconds, config.forecast_quantile, horizon, config.seasonality)
         else:
-            model = fit_arima(buckets[-288:], workload.bucket_seconds, config.forecast_quantile, horizon)
+            model = fit_arima(buckets[-ARIMA_WINDOW:], workload.bucket_seconds, config.forecast_quantile, horizon)
         fit_seconds += model.fit_seconds
         forecaster = IncrementalForecaster(model, buckets[-model.observations:] if model.observations else buckets)
         last_fit_time = now
@@ -492,7 +503,10 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
                 tick_steps = 0
             forecast = None
             if runner.forecaster in ("ets", "arima"):
-                if now - last_fit_time >= config.refit_interval_seconds and len(buckets) >= 1:
+                # Refit early while the history is young (it doubles between fits).
+                window = min(len(buckets), MAX_FIT_BUCKETS if runner.forecaster == "ets" else ARIMA_WINDOW)
+                young = forecaster is not None and forecaster.model.observations < 0.5 * window
+                if len(buckets) >= 1 and (now - last_fit_time >= config.refit_interval_seconds or young):
                     refit(now)
                 if forecaster is not None:
                     forecast = forecaster.forecast(lead + workload.bucket_seconds / 2.0, now - last_bucket_end)

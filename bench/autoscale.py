@@ -1,0 +1,136 @@
+"""Autoscaling policies side by side on replayed real traffic (issue 5's benchmark).
+
+For each trace under ../shared/data (NYC taxi, AWS ELB, Twitter volume, Azure LLM conversation)
+and each cold start (180 s, 600 s), replay the demand against a simulated SGLang fleet (H100
+profile of runtime/perfmodel.py, TTFT SLO 2 s, peak = 20 replicas) under every policy, and print
+GPU-hours relative to the oracle and SLO attainment. Then check the targets:
+ours >= 99% attainment with <= 1.10 x oracle GPU-hours, and <= 0.85 x the GPU-hours of the
+cheapest reactive setting that reaches the same attainment.
+
+    python bench/autoscale.py            # ~7 simulated days per NAB trace
+    python bench/autoscale.py --quick    # 2 days per NAB trace
+    python bench/autoscale.py --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from digital_worker.operator.autoscaling import simulator
+from digital_worker.operator.autoscaling.cli import default_data_dir
+
+TRACES = (
+    ("nyc_taxi", "nab/nyc_taxi.csv"),
+    ("aws_elb", "nab/elb_request_count_8c0756.csv"),
+    ("twitter_amzn", "nab/Twitter_volume_AMZN.csv"),
+    ("azure_conv", "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"),
+)
+COLD_STARTS = (180.0, 600.0)
+REACTIVE_PREFIXES = ("reactive", "keda", "aibrix")
+
+
+def best_reactive(rows: list[dict], attainment: float) -> dict | None:
+    """The cheapest reactive-family setting whose attainment is at least `attainment`."""
+    candidates = [r for r in rows if r["policy"].startswith(REACTIVE_PREFIXES) and r["slo_attainment"] >= attainment]
+    return min(candidates, key=lambda r: r["gpu_hours"]) if candidates else None
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    data = Path(args.data) if args.data else default_data_dir()
+    sizes_trace = data / "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
+    days = 2.0 if args.quick else args.days
+    scenarios = []
+    for label, relative in TRACES:
+        path = data / relative
+        if not path.is_file():
+            print(f"skipping {label}: {path} not found", file=sys.stderr)
+            continue
+        for cold_start in COLD_STARTS:
+            config = simulator.SimulationConfig(
+                cold_start_seconds=cold_start, slo_ttft_seconds=args.slo_ttft, tick_seconds=args.tick,
+                max_replicas=int(args.peak_replicas * 1.5) + 1,
+            )
+            workload = simulator.load_workload(path, peak_replicas=args.peak_replicas, config=config,
+                                               sizes_trace=sizes_trace, replay_days=days, seed=args.seed)
+            started = time.perf_counter()
+            results = simulator.compare(workload, "all", config)
+            oracle = next(r for r in results if r.policy == "oracle")
+            rows = []
+            for result in results:
+                row = result.summary()
+                row["gpu_hours_vs_oracle"] = round(result.gpu_hours / oracle.gpu_hours, 4)
+                rows.append(row)
+            ours = next(r for r in rows if r["policy"] == "forecast")
+            rival = best_reactive(rows, ours["slo_attainment"])
+            scenario = {
+                "trace": label,
+                "cold_start_seconds": cold_start,
+                "replayed_hours": round(workload.duration_seconds / 3600.0, 2),
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                "results": rows,
+                "ours_vs_oracle": ours["gpu_hours_vs_oracle"],
+                "ours_attainment": ours["slo_attainment"],
+                "best_reactive_at_same_attainment": rival["policy"] if rival else None,
+                "ours_vs_best_reactive": round(ours["gpu_hours"] / rival["gpu_hours"], 4) if rival else None,
+            }
+            scenarios.append(scenario)
+            print(f"  {label} cold start {cold_start:g}s: {scenario['wall_seconds']}s", file=sys.stderr)
+    return scenarios
+
+
+def print_table(scenarios: list[dict]) -> None:
+    policies = [r["policy"] for r in scenarios[0]["results"]]
+    headers = [f"{s['trace']}/{int(s['cold_start_seconds'])}s" for s in scenarios]
+    width = max(16, max(len(h) for h in headers) + 1)
+    print("GPU-hours relative to the oracle / SLO attainment (TTFT <= SLO)")
+    print(f"{'policy':<19}" + "".join(f"{h:>{width}}" for h in headers))
+    for policy in policies:
+        cells = []
+        for scenario in scenarios:
+            row = next(r for r in scenario["results"] if r["policy"] == policy)
+            cells.append(f"{row['gpu_hours_vs_oracle']:.2f}x/{row['slo_attainment'] * 100:.2f}%")
+        print(f"{policy:<19}" + "".join(f"{c:>{width}}" for c in cells))
+    print()
+    print("targets: ours >= 99% attainment, <= 1.10x oracle, <= 0.85x best reactive at the same attainment")
+    for scenario in scenarios:
+        attainment_ok = scenario["ours_attainment"] >= 0.99
+        oracle_ok = scenario["ours_vs_oracle"] <= 1.10
+        ratio = scenario["ours_vs_best_reactive"]
+        reactive_ok = ratio is not None and ratio <= 0.85
+        print(
+            f"  {scenario['trace']:<13} {int(scenario['cold_start_seconds']):>4}s: "
+            f"attainment {scenario['ours_attainment'] * 100:6.2f}% [{'ok' if attainment_ok else 'MISS'}]  "
+            f"vs oracle {scenario['ours_vs_oracle']:.3f} [{'ok' if oracle_ok else 'MISS'}]  "
+            f"vs best reactive ({scenario['best_reactive_at_same_attainment'] or 'none reaches it'}) "
+            f"{ratio if ratio is not None else float('nan'):.3f} [{'ok' if reactive_ok else 'MISS' if ratio else 'n/a'}]"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 simulated days per NAB trace")
+    parser.add_argument("--days", type=float, default=7.0, help="simulated days per NAB trace (default 7)")
+    parser.add_argument("--peak-replicas", type=float, default=20.0)
+    parser.add_argument("--slo-ttft", type=float, default=2.0)
+    parser.add_argument("--tick", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="data folder (default ../shared/data)")
+    parser.add_argument("--json", metavar="FILE", help="write every result as JSON")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    scenarios = run(args)
+    if not scenarios:
+        print("no traces found", file=sys.stderr)
+        return 1
+    print_table(scenarios)
+    print(f"\nwall time {time.perf_counter() - started:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(scenarios, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
