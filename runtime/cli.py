@@ -200,10 +200,10 @@ async def _run_sim_until_signal(config, serve_forever) -> int:
 
 
 def _image_build(args: argparse.Namespace) -> int:
-    from digital_worker.runtime.contract import DEFAULT_IMAGE
+    from digital_worker.runtime.contract import SGLANG_BASE_IMAGE
     from digital_worker.runtime.image import ImageBuildError, build_image, default_image_tag, render_dockerfile
 
-    base = args.base or DEFAULT_IMAGE
+    base = args.base or SGLANG_BASE_IMAGE
     if args.print_dockerfile:
         print(render_dockerfile(base), end="")
         return 0

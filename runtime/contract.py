@@ -11,9 +11,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from digital_worker import __version__
+
 # The SGLang release this contract targets; the argv is checked against its real argument parser.
 SGLANG_VERSION = "0.5.23"
-DEFAULT_IMAGE = f"lmsysorg/sglang:v{SGLANG_VERSION}"
+# SGLang's own image, the base `digital-worker runtime image build` adds the launcher to.
+SGLANG_BASE_IMAGE = f"lmsysorg/sglang:v{SGLANG_VERSION}"
+RUNTIME_IMAGE_REPOSITORY = "ghcr.io/digital-worker/sglang-runtime"
+# The serving image pods run by default: the one `runtime image build` makes (SGLang + launcher),
+# since the pod's command is `digital-worker runtime launch`.
+DEFAULT_IMAGE = f"{RUNTIME_IMAGE_REPOSITORY}:{__version__}-sglang{SGLANG_VERSION}"
 DEFAULT_PORT = 30000
 CONFIG_PATH = "/etc/digital-worker/runtime.json"
 MODEL_CACHE_DIR = "/models"

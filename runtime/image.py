@@ -4,8 +4,8 @@
 the launcher's Python files (the `digital_worker` package root and its `runtime` subpackage only);
 `build_image` sends it to any Docker Engine API endpoint through the docker SDK (``DOCKER_HOST``:
 ``unix://``, ``tcp://``, ``ssh://`` via paramiko) and streams the engine's progress;
-`push_image` pushes the tag. The operator's default image (`contract.DEFAULT_IMAGE` for the base)
-is what `default_image_tag` names.
+`push_image` pushes the tag. The operator's default image, `contract.DEFAULT_IMAGE`, is what
+`default_image_tag` names: SGLang's image (`contract.SGLANG_BASE_IMAGE`) plus the launcher.
 """
 from __future__ import annotations
 
@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .contract import CONFIG_PATH, DEFAULT_IMAGE, SGLANG_VERSION
+from .contract import CONFIG_PATH, DEFAULT_IMAGE, RUNTIME_IMAGE_REPOSITORY, SGLANG_BASE_IMAGE, SGLANG_VERSION
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
-DEFAULT_REPOSITORY = "ghcr.io/digital-worker/sglang-runtime"
+# The image's `digital-worker` command: the project's CLI, which finds only `runtime` in the image.
+CLI_SCRIPT = """#!/usr/bin/env python3
+import sys
+
+from digital_worker.cli import main
+
+sys.exit(main())
+"""
 
 Progress = Callable[[str], None]
 
@@ -37,10 +44,11 @@ class ImageBuildResult:
     log: tuple[str, ...]
 
 
-def default_image_tag(repository: str = DEFAULT_REPOSITORY) -> str:
-    from digital_worker import __version__
-
-    return f"{repository}:{__version__}-sglang{SGLANG_VERSION}"
+def default_image_tag(repository: str = RUNTIME_IMAGE_REPOSITORY) -> str:
+    """The operator's default image (contract.DEFAULT_IMAGE) when built into its default repository."""
+    if repository == RUNTIME_IMAGE_REPOSITORY:
+        return DEFAULT_IMAGE
+    return f"{repository}:{DEFAULT_IMAGE.rsplit(':', 1)[1]}"
 
 
 def check_reference(reference: str, field: str) -> None:
@@ -50,7 +58,7 @@ def check_reference(reference: str, field: str) -> None:
         raise ImageBuildError(f"{field}: {reference!r} is not an image reference (name:tag)")
 
 
-def render_dockerfile(base_image: str = DEFAULT_IMAGE, package_dir: str = "digital_worker") -> str:
+def render_dockerfile(base_image: str = SGLANG_BASE_IMAGE, package_dir: str = "digital_worker") -> str:
     import jinja2
 
     from digital_worker import __version__
@@ -61,7 +69,7 @@ def render_dockerfile(base_image: str = DEFAULT_IMAGE, package_dir: str = "digit
     )
     return environment.get_template("Dockerfile.j2").render(
         base_image=base_image, sglang_version=SGLANG_VERSION, version=__version__,
-        package_dir=package_dir, config_path=CONFIG_PATH,
+        package_dir=package_dir, config_path=CONFIG_PATH, cli_script="bin/digital-worker",
     )
 
 
@@ -79,7 +87,7 @@ def _package_files() -> Iterator[tuple[Path, str]]:
             yield path, f"digital_worker/runtime/{path.relative_to(runtime_dir).as_posix()}"
 
 
-def prepare_context(directory: str | os.PathLike, base_image: str = DEFAULT_IMAGE) -> Path:
+def prepare_context(directory: str | os.PathLike, base_image: str = SGLANG_BASE_IMAGE) -> Path:
     """Write Dockerfile and package files into `directory` (a plain folder: inspectable, reusable)."""
     context = Path(directory)
     context.mkdir(parents=True, exist_ok=True)
@@ -87,6 +95,10 @@ def prepare_context(directory: str | os.PathLike, base_image: str = DEFAULT_IMAG
         target = context / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    script = context / "bin" / "digital-worker"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(CLI_SCRIPT)
+    script.chmod(0o755)  # COPY keeps the mode: no RUN chmod needed
     (context / "Dockerfile").write_text(render_dockerfile(base_image))
     return context
 

@@ -282,6 +282,15 @@ def _atomic_replace(staging: Path, final: Path) -> None:
     os.rename(staging, final)
 
 
+def _require(module: str, scheme: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModelFetchError(f"model_source: {scheme} sources need the {module} package in the image") from None
+
+
 class _Fetcher:
     resolved_revision: str | None = None
 
@@ -300,7 +309,7 @@ class _HubFetcher(_Fetcher):
     """Hugging Face Hub through huggingface_hub: repo info, tree listing, per-file resumable downloads."""
 
     def __init__(self, source: ModelSource, token: str | None, endpoint: str | None) -> None:
-        from huggingface_hub import HfApi
+        HfApi = _require("huggingface_hub", "hf://").HfApi
 
         self.source = source
         self.token = token
@@ -391,7 +400,7 @@ class _S3Fetcher(_Fetcher):
     """Any S3 API through boto3: list the prefix, then ranged GETs that append to partial files."""
 
     def __init__(self, source: ModelSource, endpoint_url: str | None) -> None:
-        import boto3
+        boto3 = _require("boto3", "s3://")
 
         self.source = source
         self.bucket, _, self.prefix = source.location.partition("/")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_http
-from digital_worker.runtime.contract import DEFAULT_IMAGE, SGLANG_VERSION
+from digital_worker.runtime.contract import DEFAULT_IMAGE, SGLANG_BASE_IMAGE, SGLANG_VERSION
 from digital_worker.runtime.image import (
     ImageBuildError,
     build_image,
@@ -101,10 +101,11 @@ def podman(tmp_path_factory, registry_address):
         service.stop()
 
 
-def image_files(client, reference: str) -> dict[str, bytes]:
-    """Every regular file in the image's layers (the later layer wins), from `docker save`."""
+def image_files(client, reference: str) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Every regular file in the image's layers (the later layer wins) and its mode, from `docker save`."""
     saved = io.BytesIO(b"".join(client.images.get(reference).save()))
     files: dict[str, bytes] = {}
+    modes: dict[str, int] = {}
     with tarfile.open(fileobj=saved) as outer:
         manifest = json.load(outer.extractfile("manifest.json"))
         for layer in manifest[0]["Layers"]:
@@ -112,19 +113,21 @@ def image_files(client, reference: str) -> dict[str, bytes]:
                 for member in inner.getmembers():
                     if member.isfile():
                         files[member.name.lstrip("./")] = inner.extractfile(member).read()
-    return files
+                        modes[member.name.lstrip("./")] = member.mode
+    return files, modes
 
 
 def test_dockerfile_is_copy_only_and_pins_the_base():
     text = render_dockerfile()
-    assert f"FROM {DEFAULT_IMAGE}" in text and f'sglang-version="{SGLANG_VERSION}"' in text
+    assert f"FROM {SGLANG_BASE_IMAGE}" in text and f'sglang-version="{SGLANG_VERSION}"' in text
     instructions = {line.split()[0] for line in text.splitlines() if line and not line.startswith((" ", "#"))}
     assert instructions <= {"FROM", "LABEL", "COPY", "ENV", "ENTRYPOINT", "CMD"}
-    assert '"digital_worker.runtime", "launch"' in text
+    assert 'ENTRYPOINT ["digital-worker", "runtime", "launch"]' in text
 
 
-def test_default_tag_names_both_versions():
-    assert default_image_tag().endswith(f"-sglang{SGLANG_VERSION}")
+def test_default_tag_is_the_operators_default_image():
+    assert default_image_tag() == DEFAULT_IMAGE and DEFAULT_IMAGE.endswith(f"-sglang{SGLANG_VERSION}")
+    assert default_image_tag("registry.local/team/sglang").startswith("registry.local/team/sglang:")
 
 
 def test_bad_references_are_rejected_before_any_connection():
@@ -151,16 +154,18 @@ def test_build_through_podman_and_the_payload_runs(podman, tmp_path):
     client = docker.DockerClient(base_url=podman.url)
     try:
         image = client.images.get("localhost/dw-sglang:test")
-        assert image.attrs["Config"]["Entrypoint"] == ["python3", "-m", "digital_worker.runtime", "launch"]
+        assert image.attrs["Config"]["Entrypoint"] == ["digital-worker", "runtime", "launch"]
         assert image.labels["io.digitalworker.sglang-version"] == SGLANG_VERSION
         assert "PYTHONPATH=/opt/digital-worker" in image.attrs["Config"]["Env"]
-        files = image_files(client, "localhost/dw-sglang:test")
+        files, modes = image_files(client, "localhost/dw-sglang:test")
     finally:
         client.close()
     assert "bin/busybox" in files  # the base layer is there
     payload = {name: data for name, data in files.items() if name.startswith("opt/digital-worker/")}
     assert "opt/digital-worker/digital_worker/runtime/launcher.py" in payload
     assert not any("/operator/" in name or "__pycache__" in name for name in payload)
+    assert modes["usr/local/bin/digital-worker"] & 0o111  # the command the operator's pods run is executable
+    payload["usr/local/bin/digital-worker"] = files["usr/local/bin/digital-worker"]
 
     # The image cannot run here, so run its Python payload the way its entrypoint would: no site
     # packages (so not this checkout's install), PYTHONPATH=/opt/digital-worker.
@@ -170,11 +175,18 @@ def test_build_through_podman_and_the_payload_runs(podman, tmp_path):
         (root / name).write_bytes(data)
     config = tmp_path / "runtime.json"
     config.write_text(json.dumps({"model_path": "/models/m", "served_model_name": "m"}))
-    run = subprocess.run([sys.executable, "-S", "-m", "digital_worker.runtime", "launch", "--config", str(config),
-                          "--dry-run"], env={"PYTHONPATH": str(root / "opt/digital-worker"), "PATH": os.environ["PATH"]},
-                         capture_output=True, text=True, timeout=60, cwd="/")
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)[1:5] == ["-m", "sglang.launch_server", "--model-path", "/models/m"]
+    env = {"PYTHONPATH": str(root / "opt/digital-worker"), "PATH": os.environ["PATH"]}
+    script = str(root / "usr/local/bin/digital-worker")
+    for argv in ([sys.executable, "-S", script, "runtime", "launch"],  # the operator's pod command
+                 [sys.executable, "-S", "-m", "digital_worker.runtime", "launch"]):
+        run = subprocess.run([*argv, "--config", str(config), "--dry-run"], env=env, capture_output=True, text=True,
+                             timeout=60, cwd="/")
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)[1:5] == ["-m", "sglang.launch_server", "--model-path", "/models/m"]
+    # Only the runtime commands exist in the image: the operator and friends are not there.
+    listing = subprocess.run([sys.executable, "-S", script, "--help"], env=env, capture_output=True, text=True,
+                             timeout=60, cwd="/")
+    assert "runtime" in listing.stdout and "operator" not in listing.stdout.split("positional arguments")[-1]
 
 
 def test_missing_base_image_fails_in_one_line(podman):
@@ -205,6 +217,7 @@ def test_prepare_context_lays_out_the_package(tmp_path):
     assert (context / "digital_worker" / "__init__.py").is_file()
     assert (context / "digital_worker" / "runtime" / "templates" / "Dockerfile.j2").is_file()
     assert (context / "digital_worker" / "runtime" / "sglang_entry.py").is_file()
+    assert os.access(context / "bin" / "digital-worker", os.X_OK)
 
 
 @pytest.fixture
@@ -307,4 +320,4 @@ def test_push_to_a_real_registry(podman, registry):
                                                         "application/vnd.oci.image.manifest.v1+json"})
     with urllib.request.urlopen(request, timeout=5) as response:
         manifest = json.load(response)
-    assert len(manifest["layers"]) == 2  # the busybox base and our COPY layer
+    assert len(manifest["layers"]) == 3  # the busybox base and our two COPY layers (package, command)
