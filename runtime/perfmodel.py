@@ -304,7 +304,7 @@ class ReplicaEngine:
         """Queue a request that arrived at `now`. Requests that can never fit are aborted at once."""
         if prompt_tokens < 1 or output_tokens < 1:
             raise ValueError("a request needs at least one prompt and one output token")
-        self._run_until(now)
+        self._run_until(now, inclusive=False)
         request = _Request(request_id, int(prompt_tokens), int(output_tokens), float(now))
         if request.kv_reserved > self.params.kv_capacity:
             self._pending.append(Aborted(request_id, now, "prompt plus output exceed the KV cache"))
@@ -358,8 +358,10 @@ class ReplicaEngine:
             self._kv_used += head.kv_reserved
             self._running[head.request_id] = head
 
-    def _run_until(self, now: float) -> None:
-        while self.has_work() and self._clock <= now:
+    def _run_until(self, now: float, *, inclusive: bool = True) -> None:
+        # `submit` runs only the steps starting strictly before `now`, so requests arriving at the
+        # same instant join the same step; `advance` also runs the one starting exactly at `now`.
+        while self.has_work() and (self._clock <= now if inclusive else self._clock < now):
             self._step()
         if not self.has_work() and self._clock < now:
             self._clock = now
