@@ -14,6 +14,8 @@ PEERING_NAME = "digital-worker"
 HEALTH_PORT = 8080
 HEALTH_PATH = "/healthz"
 METRICS_PORT = 9090
+# See operator_manifests: more replicas need per-pod peering priorities, which `run` cannot set yet.
+MAX_REPLICAS = 1
 # A fixed non-root uid/gid (the distroless "nonroot" convention), so runAsNonRoot can be verified.
 RUN_AS_USER = 65532
 
@@ -153,8 +155,8 @@ def deployment(
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": dict(selector)},
-            # Peering makes a second replica a hot standby; surge first so there is never a gap.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            # kopf pauses every peer when two share a priority: never run old and new side by side.
+            "strategy": {"type": "Recreate"},
             "template": {
                 "metadata": {"labels": dict(OPERATOR_LABELS)},
                 "spec": {
@@ -209,6 +211,14 @@ def operator_manifests(
         raise ValueError("image must not be empty")
     if replicas < 1:
         raise ValueError("replicas must be at least 1")
+    if replicas > MAX_REPLICAS:
+        # kopf's peering elects by priority, and all replicas of one Deployment share theirs: with
+        # equal priorities every peer pauses and nothing is reconciled. One replica, restarted by
+        # the Deployment (liveness probe), until `digital-worker run` gives each pod its own priority.
+        raise ValueError(
+            f"replicas must be at most {MAX_REPLICAS}: operator replicas share one kopf peering priority, "
+            "and peers with equal priorities all pause"
+        )
     return [
         service_account(namespace),
         cluster_role(),

@@ -36,7 +36,7 @@ class PlatformSettings:
     namespace: str = "digital-worker-system"
     operator_image: str = "ghcr.io/digital-worker/operator:0.1.0"
     agent_image: str = "ghcr.io/digital-worker/agent:0.1.0"
-    operator_replicas: int = 2
+    operator_replicas: int = 1  # see operator.deploy.MAX_REPLICAS
     watch_namespaces: tuple[str, ...] = ()
     agent_port: int = 9400
     agent_node_selector: dict[str, str] | None = None
@@ -68,8 +68,9 @@ def validate_settings(settings: PlatformSettings) -> list[str]:
     if settings.prometheus_mode not in PROMETHEUS_MODES:
         problems.append(f"prometheus.mode must be one of {', '.join(PROMETHEUS_MODES)} or auto, "
                         f"not {settings.prometheus_mode!r}")
-    if settings.operator_replicas < 1:
-        problems.append("operator.replicas must be at least 1")
+    if not 1 <= settings.operator_replicas <= deploy.MAX_REPLICAS:
+        problems.append(f"platform.operatorReplicas must be 1..{deploy.MAX_REPLICAS}: operator replicas share one "
+                        "kopf peering priority, and peers with equal priorities all pause")
     seen: set[tuple[str, str]] = set()
     for index, body in enumerate(settings.workers):
         meta = body.get("metadata") or {} if isinstance(body, dict) else {}

@@ -57,7 +57,7 @@ def test_onprem_secrets_are_required_for_up_but_only_noted_by_check():
 def test_every_problem_is_reported_with_its_key(tmp_path):
     values = {
         "target": "onprem",
-        "platform": {"operatorReplicas": 0},
+        "platform": {"operatorReplicas": 2},
         "workers": [{"metadata": {"name": "w"}, "spec": {"model": {"name": "m", "source": "ftp://nope"}}}],
         "onprem": {"hosts": [{"name": "GPU_1", "address": "10.0.0.1", "hostKey": "ssh-ed25519 !!!"},
                              {"name": "gpu-2"}],
@@ -66,7 +66,7 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
     with pytest.raises(stack_config.ConfigError) as failure:
         stack_config.parse(values, base_dir=tmp_path, has_secret=lambda k: True)
     text = str(failure.value)
-    for fragment in ("operator.replicas", "workers[0] (w)", "onprem.hosts[1] needs name and address",
+    for fragment in ("platform.operatorReplicas must be 1..1", "workers[0] (w)", "onprem.hosts[1] needs name and address",
                      "onprem.hosts[GPU_1]: name 'GPU_1' is not a valid node name", "onprem.hosts[GPU_1].hostKey",
                      "onprem.k3s.installerScript: cannot read missing/install.sh"):
         assert fragment in text, fragment

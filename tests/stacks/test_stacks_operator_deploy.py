@@ -66,10 +66,11 @@ def test_binding_ties_the_service_account_in_its_namespace_to_the_role():
 
 
 def test_deployment_is_hardened_and_probed():
-    dep = by_kind(deploy.operator_manifests("dw-system", "registry.local/op:2", replicas=2))["Deployment"]
+    dep = by_kind(deploy.operator_manifests("dw-system", "registry.local/op:2", replicas=1))["Deployment"]
     pod = dep["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # never two peers with one priority
     assert pod["serviceAccountName"] == deploy.OPERATOR_NAME
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -139,6 +140,7 @@ def test_peering_follows_the_watch_scope():
     ({"namespace": "", "image": "x"}, "namespace"),
     ({"namespace": "n", "image": ""}, "image"),
     ({"namespace": "n", "image": "x", "replicas": 0}, "replicas"),
+    ({"namespace": "n", "image": "x", "replicas": 2}, "replicas must be at most 1.*equal priorities"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

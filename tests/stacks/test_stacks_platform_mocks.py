@@ -64,7 +64,7 @@ def test_crd_deployed_equals_digital_worker_crd_output():
 
 
 def test_operator_rbac_and_hardening_reach_the_cluster():
-    run = deploy_platform(operator_replicas=2)
+    run = deploy_platform(operator_replicas=1)
     role = run.one("kubernetes:rbac.authorization.k8s.io/v1:ClusterRole")
     assert role.inputs["rules"] == deploy.cluster_role()["rules"]
     secrets_rule = next(r for r in role.inputs["rules"] if r["resources"] == ["secrets"])
@@ -76,7 +76,7 @@ def test_operator_rbac_and_hardening_reach_the_cluster():
     operator = run.one("kubernetes:apps/v1:Deployment", deploy.OPERATOR_NAME)
     pod = operator.inputs["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert operator.inputs["spec"]["replicas"] == 2
+    assert operator.inputs["spec"]["replicas"] == 1
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False

@@ -30,7 +30,7 @@ def test_existing_cluster_with_prometheus_operator_gets_podmonitors():
 
     run = run_program(program(probe), config={
         "target": "existing", "kubeconfig": "/home/ops/.kube/config", "context": "gpu-prod",
-        "platform": {"namespace": "ops", "operatorReplicas": 3},
+        "platform": {"namespace": "ops", "operatorReplicas": 1},
     })
     assert asked == [("/home/ops/.kube/config", "gpu-prod")]
     provider = run.one("pulumi:providers:kubernetes")
