@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from digital_worker.operator import reconcile as reconcile_module
 from digital_worker.operator import schema as api
-from digital_worker.operator.kube import Conflict, KubeClient, TransientError
+from digital_worker.operator.kube import Conflict, KubeClient, NotFound, TransientError
 
 logger = logging.getLogger("digital_worker.operator")
 
@@ -127,8 +127,11 @@ class Reconciler:
         meta = body["metadata"]
         old_status = body.get("status") or {}
         if reconcile_module.status_changed(old_status, result.status):
-            patched = self.client.patch(api.API_VERSION, api.PLURAL, meta["namespace"], meta["name"],
-                                        {"status": result.status}, subresource="status")
+            try:
+                patched = self.client.patch(api.API_VERSION, api.PLURAL, meta["namespace"], meta["name"],
+                                            {"status": result.status}, subresource="status")
+            except NotFound:  # deleted while we worked: its children go with it
+                return result
             # Later passes on this body must see the status we wrote (for transitions and events).
             body["status"] = (patched or {}).get("status", result.status)
         for event in result.events:

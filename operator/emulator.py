@@ -98,7 +98,13 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     """kmock's emulator plus the API-server behaviour the operator depends on."""
 
     _counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
-    _uids: dict[Any, str] = attrs.field(factory=dict, init=False)
+    # Requests served, by "METHOD plural" (benchmarks report API requests per reconcile from it).
+    request_counts: dict[str, int] = attrs.field(factory=dict, init=False)
+    # kmock keeps every request and matches each new one by scanning that history (quadratic);
+    # the operator needs no history, so only requests still being served are kept.
+    keep_request_log: bool = False
+    _inflight: set[int] = attrs.field(factory=set, init=False)
+    _live_uids: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -177,7 +183,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
                 # The API server answers 422 when a JSON patch's `test` fails (kopf relies on it).
                 raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
-            data = {key: new.get(key) for key in set(current) | set(new)}
+            data = _merge_diff(current, new)
         data = dict(data)
         subresource = request.subresource
         if subresource == "scale":
@@ -200,25 +206,49 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return data
 
     async def _handle(self, request: rendering.Request):  # type: ignore[override]
+        if not self.keep_request_log:
+            self._inflight.add(id(request))
+            if len(self._requests) > 16:
+                self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
+            try:
+                return await self._handle_tracked(request)
+            finally:
+                self._inflight.discard(id(request))
+        return await self._handle_tracked(request)
+
+    async def _handle_tracked(self, request: rendering.Request):
         request = self._prepare(request)
-        deleting = request.action == enums.action.DELETE and request.name is not None
+        if request.resource is not None:
+            key = f"{request.method.value if request.method else '?'} {request.resource.plural}" + \
+                (f"/{request.subresource}" if request.subresource else "") + \
+                (" watch" if request.action == enums.action.WATCH else "")
+            self.request_counts[key] = self.request_counts.get(key, 0) + 1
         uid = None
-        if deleting:
-            current = self._current(request)
-            uid = (current or {}).get("metadata", {}).get("uid")
+        if request.action in (enums.action.DELETE, enums.action.UPDATE) and request.name is not None:
+            # A DELETE, or a PATCH removing the last finalizer, may end the object: its dependents follow.
+            uid = (self._current(request) or {}).get("metadata", {}).get("uid")
         response = await super()._handle(request)
+        if request.action == enums.action.CREATE and isinstance(request.data, dict):
+            # Stored even when a test's reaction answered an error (kmock applies state first).
+            meta = request.data.get("metadata", {})
+            self._live_uids.add(meta.get("uid"))
+            owners = [ref.get("uid") for ref in meta.get("ownerReferences") or []]
+            if owners and not any(owner in self._live_uids for owner in owners):
+                # Like the real garbage collector: a dependent whose owners are all gone goes too.
+                resource = request.resource
+                asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self._delete_path(
+                    _object_path(resource, meta.get("namespace"), meta.get("name")))))
         if request.resource is not None and request.name is not None:
             key = (request.resource, request.namespace, request.name)
             if key in self.objects:
                 obj = self.objects[key]
                 if obj.deleted:
                     del self.objects[key]  # keep memory flat: kmock keeps every version otherwise
+                    self._live_uids.discard(uid)
                     if uid:
                         await self._collect_garbage(uid)
                 elif len(obj.history) > 1:
                     obj.history = [obj.last.raw]
-        if len(self._requests) > 2000:  # kmock logs every request for assertions; cap it for long runs
-            del self._requests[:-200]
         return response
 
     async def _collect_garbage(self, owner_uid: str) -> None:
@@ -229,14 +259,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                                        for ref in obj.raw.get("metadata", {}).get("ownerReferences", []) or [])
         ]
         for resource, namespace, name in dependents:
-            path = _object_path(resource, namespace, name)
-            with contextlib.suppress(Exception):
-                session = self._gc_session()
-                async with session.delete(path) as response:
-                    await response.read()
+            await self._delete_path(_object_path(resource, namespace, name))
 
-    def _gc_session(self) -> aiohttp.ClientSession:
-        return self.servers[0].client
+    async def _delete_path(self, path: str) -> None:
+        with contextlib.suppress(Exception):
+            async with self.servers[0].client.delete(path) as response:
+                await response.read()
 
     # --- serving: list with selectors and kinds, scale subresource ------------------------------
 
@@ -277,6 +305,21 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.subresource == "scale":
             return _scale_object(request.resource.plural, obj)
         return obj
+
+
+def _merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning `old` into `new` (None removes a key), to apply JSON patches as merges."""
+    diff: dict[str, Any] = {}
+    for key in set(old) | set(new):
+        if key not in new:
+            diff[key] = None
+        elif isinstance(old.get(key), dict) and isinstance(new[key], dict):
+            nested = _merge_diff(old[key], new[key])
+            if nested:
+                diff[key] = nested
+        elif old.get(key) != new[key] or key not in old:
+            diff[key] = new[key]
+    return diff
 
 
 def _mutate(request: rendering.Request, **changes: Any) -> None:

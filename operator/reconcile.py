@@ -105,6 +105,9 @@ STOP = object()
 
 def reconcile_spec(ctx: Context) -> object | None:
     """Invalid specs stop the pass before anything is applied: no half-applied revision, ever."""
+    if ctx.body["metadata"].get("deletionTimestamp"):
+        ctx.status["deleting"] = True  # children go with it (ownerReferences): never recreate them now
+        return STOP
     problems = validate(ctx.body)
     if problems:
         ctx.status["invalid"] = problems
@@ -245,6 +248,8 @@ def _condition(ctx: Context, type_: str, status: bool, reason: str, message: str
 def build_status(ctx: Context) -> dict[str, Any]:
     """The whole status, from what was observed and done in this pass (fields say who sets them in the CRD)."""
     old_status = ctx.body.get("status") or {}
+    if ctx.status.get("deleting"):
+        return old_status
     generation = ctx.body["metadata"].get("generation", 1)
     base = {
         "observedGeneration": generation,

@@ -1,0 +1,35 @@
+"""End-to-end fixtures: the emulated API (kmock over HTTP) and the real kopf operator on a thread."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from digital_worker.operator.emulator import EmulatedCluster
+from digital_worker.operator.kube import KubeClient
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    with EmulatedCluster(pod_startup_seconds=0.3) as emulated:
+        yield emulated
+
+
+@pytest.fixture(scope="session")
+def operator(cluster):
+    from digital_worker.operator.runner import OperatorThread
+
+    with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2) as running:
+        yield running
+
+
+@pytest.fixture
+def kube(cluster) -> KubeClient:
+    return KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
+
+
+@pytest.fixture
+def namespace(kube) -> str:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return name

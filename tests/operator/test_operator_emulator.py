@@ -1,0 +1,86 @@
+"""The emulated API behaves like an API server where the operator relies on it (a thin kmock subclass)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from operator_support import wait_until
+from digital_worker.operator.kube import Conflict
+
+
+def _deployment(namespace, name="web", replicas=2, owner=None):
+    meta = {"name": name, "namespace": namespace, "labels": {"app": name, "tier": "a"}}
+    if owner:
+        meta["ownerReferences"] = [owner]
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+
+
+def test_metadata_is_filled_in_and_generation_tracks_spec(kube, namespace):
+    created = kube.create(_deployment(namespace))
+    meta = created["metadata"]
+    assert meta["uid"] and meta["creationTimestamp"] and meta["generation"] == 1
+    rv = int(meta["resourceVersion"])
+    patched = kube.patch("apps/v1", "deployments", namespace, "web", {"metadata": {"labels": {"x": "y"}}})
+    assert patched["metadata"]["generation"] == 1 and int(patched["metadata"]["resourceVersion"]) > rv
+    patched = kube.patch("apps/v1", "deployments", namespace, "web", {"spec": {"replicas": 3}})
+    assert patched["metadata"]["generation"] == 2
+    with pytest.raises(Conflict):
+        kube.create(_deployment(namespace))
+
+
+def test_status_and_scale_subresources(kube, namespace):
+    # A bare pod (no owner): nothing but this test touches it.
+    kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": namespace},
+                 "spec": {"containers": [{"name": "c", "image": "i"}]}, "status": {"phase": "Pending"}})
+    kube.patch("v1", "pods", namespace, "p", {"status": {"phase": "Running"}})  # main resource: ignored
+    assert kube.get("v1", "pods", namespace, "p")["status"]["phase"] == "Pending"
+    kube.patch("v1", "pods", namespace, "p", {"spec": {"nodeName": "x"}, "status": {"phase": "Running"}},
+               subresource="status")  # status subresource: only status
+    pod = kube.get("v1", "pods", namespace, "p")
+    assert pod["status"]["phase"] == "Running" and "nodeName" not in pod["spec"]
+    kube.create(_deployment(namespace, replicas=1))
+    scale = kube.patch("apps/v1", "deployments", namespace, "web", {"spec": {"replicas": 3}}, subresource="scale")
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
+    assert kube.get("apps/v1", "deployments", namespace, "web")["spec"]["replicas"] == 3
+    assert kube.get("apps/v1", "deployments", namespace, "web", subresource="scale")["spec"]["replicas"] == 3
+
+
+def test_label_selectors_and_list_kinds(kube, namespace):
+    kube.create(_deployment(namespace, "a"))
+    kube.create(_deployment(namespace, "b"))
+    assert [d["metadata"]["name"] for d in kube.list("apps/v1", "deployments", namespace, "app=a")] == ["a"]
+    assert len(kube.list("apps/v1", "deployments", namespace, "tier=a")) == 2
+    assert kube.list("apps/v1", "deployments", namespace, "app!=a")[0]["metadata"]["name"] == "b"
+    raw = kube._call("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments")
+    assert raw["kind"] == "DeploymentList" and raw["apiVersion"] == "apps/v1"
+
+
+def test_pod_simulator_and_garbage_collection(kube, namespace):
+    created = kube.create(_deployment(namespace, replicas=2))
+    owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": created["metadata"]["uid"]}
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owned", "namespace": namespace,
+                                                                      "ownerReferences": [owner]}})
+    wait_until(lambda: (kube.get("apps/v1", "deployments", namespace, "web").get("status") or {})
+               .get("readyReplicas") == 2, message="pods ready")
+    assert len(kube.list("v1", "pods", namespace, "app=web")) == 2
+    kube.delete("apps/v1", "deployments", namespace, "web")
+    wait_until(lambda: kube.get("v1", "configmaps", namespace, "owned") is None, message="dependent collected")
+    wait_until(lambda: kube.list("v1", "pods", namespace, "app=web") == [], message="pods collected")
+
+
+def test_namespaces_are_served(kube, namespace):
+    assert kube.get("v1", "namespaces", None, namespace)["metadata"]["name"] == namespace
+    assert namespace in [n["metadata"]["name"] for n in kube.list("v1", "namespaces")]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_works_against_it(cluster, kube, namespace):
+    kube.create(_deployment(namespace))
+    out = subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig_path), "get", "deployments", "-n",
+                          namespace, "-o", "name"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "deployment.apps/web"
