@@ -102,10 +102,10 @@ class ForecastPolicy:
         ttft = history.latest(TTFT_P95)
         queue = history.latest(QUEUE_LENGTH) or 0.0
         ready = context.ready_replicas
-        steady = ready == context.replicas and ready == state.previous_ready
+        steady = ready == state.previous_ready
         state = replace(state, previous_ready=ready)
-        # Only a steady fleet gives clean evidence: while replicas come and go, the samples of
-        # the last interval were served by a different number of replicas than `ready`.
+        # Only a steady set of ready replicas gives clean evidence: when it changed, the samples
+        # of the last interval were served by a different number of replicas than `ready`.
         if rate is None or ttft is None or ready <= 0 or rate <= 0 or not steady:
             return state
         per_replica = rate / ready
@@ -118,10 +118,12 @@ class ForecastPolicy:
             # or prompts longer than assumed. Step the estimate down a little at a time, so one
             # burst costs little and a real shortfall is corrected within minutes.
             streak = state.overload_streak + 1
-            capacity = max(0.3 * start, capacity * (0.97 if streak < 3 else 0.9))
-        elif ttft <= 0.5 * slo and queue <= ready and per_replica >= 0.9 * capacity:
-            # Comfortably within the SLO at close to the estimate: probe upwards slowly.
-            capacity = min(3.0 * start, capacity * 1.01)
+            step_down = 0.97 if streak < 3 else 0.9
+            capacity = max(0.3 * start, min(capacity, per_replica) * step_down)
+        elif ttft <= 0.25 * slo and queue <= ready and per_replica >= 0.9 * capacity:
+            # Far within the SLO at close to the estimate: the estimate is too modest. Probe
+            # upwards slowly (TTFT is a hockey stick; an overload will bring it back down).
+            capacity = min(2.0 * start, capacity * 1.01)
         return replace(state, capacity_rps=capacity, overload_streak=streak)
 
     # -- cold start -----------------------------------------------------------------------------
