@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=3.0, help="analysis intervalSeconds (default 3)")
     parser.add_argument("--window", type=float, default=6.0, help="analysis windowSeconds (default 6)")
     parser.add_argument("--min-requests", type=int, default=10)
+    parser.add_argument("--confidence", type=float, default=None,
+                        help="errorRateConfidence: judge the error rate by a Wilson bound at this level")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (different seeds)")
     parser.add_argument("--only", help="run scenarios whose name contains this text")
@@ -371,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "windowSeconds": args.window, "intervalSeconds": args.interval, "minRequests": args.min_requests,
         "maxErrorRate": 0.02, "maxTTFTP95Ratio": 1.5, "maxITLP95Ratio": 1.5,
         "failureLimit": 1, "inconclusiveLimit": 3, "successfulRuns": 2,
+        **({"errorRateConfidence": args.confidence} if args.confidence else {}),
     })
     trace = load_trace()
     metrics = RevisionMetrics()
@@ -410,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(max {_fmt(row['share_over_configured_weight_max'])})")
         print(f"{row['scenario']:28} {row['decisions']:>11} {row['effective_canary_weight']:>7} {rollback:>10} "
               f"{intervals:>15} {share:>9} {over:>13}")
-    print(f"\nanalysis: interval {args.interval}s, window {args.window}s, minRequests {args.min_requests}, "
+    confidence = f", errorRateConfidence {args.confidence}" if args.confidence else ""
+    print(f"\nanalysis: interval {args.interval}s, window {args.window}s, minRequests {args.min_requests}{confidence}, "
           f"{args.rps} req/s replayed from the Azure LLM trace; a stopped Prometheus cost one run "
           f"{unreachable_seconds:.2f}s (all errors: {unreachable_all_errors})")
     if args.json:

@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from statistics import NormalDist
 from typing import Any, Mapping
 
 from digital_worker.operator.metric_providers import (
@@ -100,6 +101,10 @@ class AnalysisSpec:
     failure_limit: int = 1
     inconclusive_limit: int = 2
     successful_runs: int = 1
+    # Judge maxErrorRate by a one-sided Wilson confidence bound at this level instead of the
+    # point estimate: Failed only when confidently above the limit, Successful only when
+    # confidently below it, Inconclusive in between (too few requests to tell). None: off.
+    error_rate_confidence: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AnalysisSpec":
@@ -160,6 +165,7 @@ _SPEC_KEYS: dict[str, str] = {
     "failureLimit": "failure_limit",
     "inconclusiveLimit": "inconclusive_limit",
     "successfulRuns": "successful_runs",
+    "errorRateConfidence": "error_rate_confidence",
 }
 _INTEGER_KEYS = {"minRequests", "failureLimit", "inconclusiveLimit", "successfulRuns"}
 _AT_LEAST_ONE_KEYS = {"failureLimit", "inconclusiveLimit", "successfulRuns"}
@@ -200,6 +206,8 @@ def _parse_spec_value(key: str, attribute: str, raw: Any) -> Any:
         return raw
     if key.endswith("Ratio") and raw <= 0:
         raise ValueError(f"analysis.{key}: must be greater than 0, got {raw!r}")
+    if key == "errorRateConfidence" and not 0.5 <= raw < 1:
+        raise ValueError(f"analysis.{key}: must be in [0.5, 1), e.g. 0.9, got {raw!r}")
     return float(raw)
 
 
@@ -281,6 +289,42 @@ def judge_absolute(definition: CheckDefinition, measurement: MeasurementLike) ->
                        message=f"{definition.metric} {_fmt(value)} {relation} {_fmt(definition.threshold)}")
 
 
+def wilson_bounds(rate: float, requests: float, confidence: float) -> tuple[float, float]:
+    """One-sided Wilson score bounds (lower, upper) of a proportion seen as `rate` in `requests`
+    trials, each holding with probability `confidence`. Well-behaved at 0 errors and small n."""
+    if requests <= 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(confidence)
+    p = min(max(rate, 0.0), 1.0)
+    denominator = 1 + z * z / requests
+    centre = (p + z * z / (2 * requests)) / denominator
+    spread = z * math.sqrt(p * (1 - p) / requests + z * z / (4 * requests * requests)) / denominator
+    return max(0.0, centre - spread), min(1.0, centre + spread)
+
+
+def judge_rate_with_confidence(
+    definition: CheckDefinition, measurement: MeasurementLike, requests: MeasurementLike, confidence: float
+) -> CheckResult:
+    """A proportion check that needs evidence either way: Failed when the lower bound exceeds the
+    limit, Successful when the upper bound is within it, Inconclusive otherwise."""
+    value, problem = _as_value(measurement)
+    count, count_problem = _as_value(requests)
+    if problem is not None or count_problem is not None:
+        why = problem if problem is not None else f"request count: {count_problem}"
+        return CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE, definition.threshold,
+                           value, message=f"{definition.metric}: {why}")
+    low, high = wilson_bounds(value, count, confidence)
+    bounds = f"{_fmt(value)} ({confidence:.0%} bounds {_fmt(low)}..{_fmt(high)} over {count:.0f} requests)"
+    if low > definition.threshold:
+        verdict, relation = Verdict.FAILED, ">"
+    elif high <= definition.threshold:
+        verdict, relation = Verdict.SUCCESSFUL, "<="
+    else:
+        verdict, relation = Verdict.INCONCLUSIVE, "not clearly within"
+    return CheckResult(definition.key, definition.metric, verdict, definition.threshold, value,
+                       message=f"{definition.metric} {bounds} {relation} {_fmt(definition.threshold)}")
+
+
 def judge_relative(
     definition: CheckDefinition, canary: MeasurementLike, stable: MeasurementLike
 ) -> CheckResult:
@@ -352,6 +396,10 @@ def judge_run(spec: AnalysisSpec, measurements: RunMeasurements) -> RunResult:
         if canary_gate is not None:
             results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
                                        definition.threshold, message=f"canary: {canary_gate}"))
+        elif definition.key == "maxErrorRate" and spec.error_rate_confidence is not None:
+            results.append(judge_rate_with_confidence(
+                definition, measurements.canary.get(definition.metric), measurements.canary.get(REQUEST_COUNT),
+                spec.error_rate_confidence))
         elif not definition.relative:
             results.append(judge_absolute(definition, measurements.canary.get(definition.metric)))
         elif stable_gate is not None:

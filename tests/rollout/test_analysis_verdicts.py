@@ -413,3 +413,46 @@ def test_a_canary_failing_every_request_aborts_although_it_has_no_latencies():
     verdicts = {check.name: check.verdict for check in state.checks}
     assert verdicts == {"maxErrorRate": Verdict.FAILED, "maxTTFTP95Ratio": Verdict.INCONCLUSIVE,
                         "maxITLP95Ratio": Verdict.INCONCLUSIVE}
+
+
+# ---------------------------------------------------------------- confidence-bounded error rate
+
+
+def test_wilson_bounds():
+    from digital_worker.operator.analysis import wilson_bounds
+
+    low, high = wilson_bounds(0.0, 12, 0.9)
+    assert low == 0.0 and 0.1 < high < 0.13  # 12 clean requests prove little
+    low, high = wilson_bounds(0.0, 200, 0.9)
+    assert high < 0.01
+    low, high = wilson_bounds(0.05, 200, 0.9)
+    assert 0.03 < low < 0.05 < high < 0.08
+    assert wilson_bounds(0.5, 0, 0.9) == (0.0, 1.0)
+    # Higher confidence, wider bounds.
+    assert wilson_bounds(0.05, 100, 0.99)[0] < wilson_bounds(0.05, 100, 0.9)[0]
+
+
+@pytest.mark.parametrize(
+    ("rate", "requests", "verdict"),
+    [
+        (0.0, 12, Verdict.INCONCLUSIVE),  # a point estimate would call this a pass
+        (0.0, 150, Verdict.SUCCESSFUL),
+        (0.05, 20, Verdict.INCONCLUSIVE),  # 1 error in 20: could be bad luck
+        (0.05, 200, Verdict.FAILED),
+        (0.5, 20, Verdict.FAILED),
+        (0.01, 2000, Verdict.SUCCESSFUL),
+    ],
+)
+def test_error_rate_with_confidence(rate, requests, verdict):
+    spec = AnalysisSpec(error_rate_confidence=0.9, min_requests=10, max_ttft_p95_ratio=None, max_itl_p95_ratio=None)
+    run = judge_run(spec, RunMeasurements(good(**{ERROR_RATE: rate, REQUEST_COUNT: requests}), stable()))
+    (check,) = run.checks
+    assert check.verdict is verdict and "bounds" in check.message
+    assert run.verdict is verdict
+
+
+def test_error_rate_confidence_spec_key():
+    assert AnalysisSpec.from_dict({"errorRateConfidence": 0.95}).error_rate_confidence == 0.95
+    for bad in (1.0, 0.2, "high"):
+        with pytest.raises(ValueError, match="analysis.errorRateConfidence"):
+            AnalysisSpec.from_dict({"errorRateConfidence": bad})
