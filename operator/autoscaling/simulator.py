@@ -119,7 +119,7 @@ def read_nab_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     times, values = [], []
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        if set(reader.fieldnames or ()) < {"timestamp", "value"}:
+        if not {"timestamp", "value"} <= set(reader.fieldnames or ()):
             raise ValueError(f"{path}: not a NAB series (needs columns timestamp,value)")
         for row in reader:
             times.append(_parse_time(row["timestamp"]))
