@@ -147,6 +147,8 @@ def _parse_onprem(section: dict, base_dir: Path, has_secret: Callable[[str], boo
         toolkit_install_script=_read_local(section.get("toolkitInstallScript"), base_dir,
                                            "onprem.toolkitInstallScript", problems),
         node_ready_timeout=float(_get(section, "nodeReadyTimeout", 300)),
+        prepull_images=tuple(_get(section, "prepullImages", [])),
+        smoke_test_image=section.get("smokeTestImage"),
     )
     problems += validate_onprem(args)
     if not has_secret("sshPrivateKey"):

@@ -91,6 +91,10 @@ class NodePlan:
     node_ready_timeout: float = 300.0
     # Agents only: where to run kubectl for labels, taints and drains (the k3s server host).
     server_target: SshTarget | None = None
+    # Pulled into k3s's own containerd (what the kubelet uses) before the node counts as prepared.
+    prepull_images: tuple[str, ...] = ()
+    # A container run with the node's GPUs (`k3s ctr run --gpus`) that must list them, once per image.
+    smoke_test_image: str | None = None
 
 
 def validate_plan(plan: NodePlan) -> list[str]:
@@ -313,6 +317,43 @@ def _split_taint(taint: str) -> tuple[str, str, str]:
     return match["key"], match["value"] or "", match["effect"]
 
 
+_IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+
+
+def prepull_images(host: RemoteHost, images: tuple[str, ...]) -> list[str]:
+    """Pull what is not there yet into k3s's containerd; returns the images actually pulled."""
+    pulled = []
+    for image in images:
+        if not _IMAGE_REF.match(image):
+            raise PreparationError(f"host {host.name}: {image!r} is not an image reference")
+        quoted = shlex.quote(image)
+        present = host.run(f"k3s crictl inspecti {quoted} >/dev/null 2>&1", step=f"check image {image}", check=False)
+        if present.status != 0:
+            host.run(f"k3s crictl pull {quoted}", step=f"pull image {image}")
+            pulled.append(image)
+    return pulled
+
+
+def gpu_smoke_test(host: RemoteHost, node_name: str, image: str, expected_gpus: int) -> None:
+    """Run a container with the node's GPUs through k3s's containerd; it must see every GPU."""
+    if not _IMAGE_REF.match(image):
+        raise PreparationError(f"host {host.name}: {image!r} is not an image reference")
+    quoted = shlex.quote(image)
+    host.run(f"k3s crictl inspecti {quoted} >/dev/null 2>&1 || k3s crictl pull {quoted}",
+             step=f"pull smoke test image {image}")
+    result = host.run(
+        f"k3s ctr run --rm --gpus 0 {quoted} dw-gpu-smoke-{shlex.quote(node_name)} nvidia-smi -L",
+        step="GPU smoke test", check=False,
+    )
+    seen = [line for line in result.stdout.splitlines() if line.startswith("GPU ")]
+    if result.status != 0 or len(seen) < expected_gpus:
+        detail = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        raise PreparationError(
+            f"host {host.name}: GPU smoke test in {image} failed (exit {result.status}, "
+            f"{len(seen)}/{expected_gpus} GPUs visible): {detail}"
+        )
+
+
 def fetch_kubeconfig(host: RemoteHost, address: str) -> str:
     raw = host.run("k3s kubectl config view --raw", step="read kubeconfig").stdout
     # k3s writes its loopback address; clients outside the host need the one we reached it on.
@@ -330,6 +371,7 @@ class PreparedNode:
     installed: bool  # whether the k3s installer ran this time
     relabelled: bool
     kubeconfig: str | None = None
+    pulled_images: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -379,6 +421,11 @@ def prepare_node(
                 relabelled = _relabel_from_server(plan, token, labels, previously_managed_labels,
                                                   previously_managed_taints, command_timeout, transcript)
                 kubeconfig = None
+            pulled = prepull_images(host, plan.prepull_images)
+            # A fresh install, or an image not yet proven on this node, earns a smoke test; a re-run does not.
+            smoke_passed = (marker or {}).get("smoke_test_image") if not needs_install else None
+            if plan.smoke_test_image and plan.smoke_test_image != smoke_passed:
+                gpu_smoke_test(host, plan.node_name, plan.smoke_test_image, len(gpus))
             new_marker = {
                 "install": fingerprint,
                 "token": token_fingerprint(token),
@@ -387,6 +434,8 @@ def prepare_node(
                 "labels": labels,
                 "taints": list(plan.taints),
             }
+            if plan.smoke_test_image:
+                new_marker["smoke_test_image"] = plan.smoke_test_image
             if needs_install or relabelled or marker != new_marker:
                 host.put(MARKER_PATH, json.dumps(new_marker, sort_keys=True) + "\n", step="record node marker",
                          mode=0o644)
@@ -395,7 +444,7 @@ def prepare_node(
         prepared = PreparedNode(
             node_name=plan.node_name, gpus=gpus, toolkit_version=toolkit, labels=labels,
             taints=tuple(plan.taints), host_key=host.host_key_seen or "", installed=needs_install,
-            relabelled=relabelled, kubeconfig=kubeconfig,
+            relabelled=relabelled, kubeconfig=kubeconfig, pulled_images=tuple(pulled),
         )
     return prepared, transcript
 

@@ -35,7 +35,7 @@ REPLACE_KEYS = ("node_name", "role", "address", "port", "server_url")
 UPDATE_KEYS = (
     "user", "private_key", "host_key", "accept_unknown_host_key", "k3s_version", "gpu_type", "labels",
     "taints", "install_toolkit", "toolkit_install_script", "installer_url", "installer_script",
-    "server", "server_private_key", "node_ready_timeout",
+    "server", "server_private_key", "node_ready_timeout", "prepull_images", "smoke_test_image",
 )
 # Outputs only the provider fills in; declared so Pulumi exposes them on the resource.
 OUTPUT_KEYS = (
@@ -84,6 +84,8 @@ def plan_from_props(props: dict[str, Any]) -> hostprep.NodePlan:
         installer_script=props.get("installer_script") or None,
         node_ready_timeout=float(props.get("node_ready_timeout") or 300.0),
         server_target=server_target,
+        prepull_images=tuple(props.get("prepull_images") or ()),
+        smoke_test_image=props.get("smoke_test_image") or None,
     )
 
 
@@ -245,6 +247,8 @@ class OnPremArgs:
     install_toolkit: bool = False
     toolkit_install_script: str | None = None
     node_ready_timeout: float = 300.0
+    prepull_images: tuple[str, ...] = ()
+    smoke_test_image: str | None = None
 
 
 def validate_onprem(args: OnPremArgs) -> list[str]:
@@ -298,6 +302,8 @@ class OnPremGpuNodes(pulumi.ComponentResource):
                 "installer_url": args.k3s.installer_url,
                 "installer_script": args.k3s.installer_script,
                 "node_ready_timeout": args.node_ready_timeout,
+                "prepull_images": list(args.prepull_images),
+                "smoke_test_image": args.smoke_test_image,
             }
 
         if args.k3s.server_url:

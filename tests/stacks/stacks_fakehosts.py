@@ -57,8 +57,39 @@ with open(os.path.join(CLUSTER, "kubectl.log"), "a") as log:
 args = sys.argv[1:]
 if args[:1] == ["--version"]:
     print("k3s version v1.31.4+k3s1 (fake)"); sys.exit(0)
+# k3s's embedded containerd tools: images kept per host in /var/lib/rancher (the host's namespace).
+IMAGES = "/var/lib/rancher/k3s/images.txt"
+def images():
+    try:
+        return open(IMAGES).read().split()
+    except FileNotFoundError:
+        return []
+if args[:1] == ["crictl"]:
+    if args[1] == "inspecti":
+        sys.exit(0 if args[2] in images() else 1)
+    if args[1] == "pull":
+        if os.path.exists("/var/lib/registry-down"):
+            print("pull access denied: registry unreachable", file=sys.stderr); sys.exit(1)
+        with open(IMAGES, "a") as f: f.write(args[2] + "\n")
+        with open(os.path.join(CLUSTER, "pulls.log"), "a") as log: log.write(args[2] + "\n")
+        print("Image is up to date for " + args[2]); sys.exit(0)
+if args[:2] == ["ctr", "run"]:
+    rest = [a for a in args[2:] if a != "--rm"]
+    if rest[:1] == ["--gpus"]: rest = rest[2:]
+    image, container = rest[0], rest[1]
+    with open(os.path.join(CLUSTER, "smoke.log"), "a") as log: log.write(container + " " + image + "\n")
+    if image not in images():
+        print("ctr: image \"" + image + "\": not found", file=sys.stderr); sys.exit(1)
+    if os.path.exists("/var/lib/smoke-fails"):
+        print("nvidia-container-cli: initialization error: nvml error: driver not loaded", file=sys.stderr); sys.exit(1)
+    import subprocess
+    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True).stdout.splitlines()
+    for i, line in enumerate(names):
+        print(f"GPU {{i}}: {{line.split(',')[0]}} (UUID: GPU-fake-{{i}})")
+    sys.exit(0)
 if args[:1] != ["kubectl"]:
-    print("fake k3s: only --version and kubectl", file=sys.stderr); sys.exit(2)
+    print("fake k3s: only --version, crictl, ctr run and kubectl", file=sys.stderr); sys.exit(2)
 args = args[1:]
 def path(name): return os.path.join(NODES, name + ".json")
 def load(name):

@@ -350,3 +350,40 @@ def test_refresh_sees_a_wiped_host_or_deleted_node_as_gone(fleet, provider):
     subprocess.run([str(agent_host.bin / "k3s-agent-uninstall.sh")], check=True)
     agent_host.marker.unlink()
     assert provider.read(agent.id, agent.outs).id is None
+
+
+def test_prepull_and_gpu_smoke_test_before_the_node_counts_as_prepared(fleet, provider):
+    host = fleet.add_host("gpu-a", gpus=4)
+    images = ["lmsysorg/sglang:v0.5.23", "ghcr.io/digital-worker/agent:0.1.0"]
+    props = host_props(fleet, host, "server", k3s_token=TOKEN, prepull_images=images,
+                       smoke_test_image="nvidia/cuda:12.4.1-base-ubuntu22.04")
+    (host.varlib / "smoke-fails").write_text("1")
+    with pytest.raises(hostprep.PreparationError,
+                       match=r"gpu-a: GPU smoke test in nvidia/cuda:12.4.1-base-ubuntu22.04 failed.*0/4 GPUs.*nvml"):
+        provider.create(props)
+    assert not host.marker.exists()  # not prepared: the next `up` tries again
+
+    (host.varlib / "smoke-fails").unlink()
+    created = provider.create(props)
+    smoke_runs = (fleet.cluster / "smoke.log").read_text().splitlines()
+    assert smoke_runs[-1] == "dw-gpu-smoke-gpu-a nvidia/cuda:12.4.1-base-ubuntu22.04"
+    pulls = (fleet.cluster / "pulls.log").read_text().splitlines()
+    assert sorted(set(pulls)) == sorted(images + ["nvidia/cuda:12.4.1-base-ubuntu22.04"])
+    assert len(pulls) == len(set(pulls))  # the failed attempt's pulls were kept, not repeated
+
+    # A re-run neither pulls again nor re-runs the smoke test.
+    provider.update(created.id, created.outs, props)
+    assert (fleet.cluster / "pulls.log").read_text().splitlines() == pulls
+    assert (fleet.cluster / "smoke.log").read_text().splitlines() == smoke_runs
+    # A new smoke image is proven once.
+    newer = dict(props, smoke_test_image="nvidia/cuda:12.6.0-base-ubuntu24.04")
+    provider.update(created.id, created.outs, newer)
+    assert len((fleet.cluster / "smoke.log").read_text().splitlines()) == len(smoke_runs) + 1
+
+
+def test_unreachable_registry_fails_the_prepull_clearly(fleet, provider):
+    host = fleet.add_host("gpu-a")
+    (host.varlib / "registry-down").write_text("1")
+    with pytest.raises(RemoteError, match="gpu-a: pull image lmsysorg/sglang:v0.5.23 failed.*registry unreachable"):
+        provider.create(host_props(fleet, host, "server", k3s_token=TOKEN, prepull_images=["lmsysorg/sglang:v0.5.23"]))
+    assert not host.marker.exists()

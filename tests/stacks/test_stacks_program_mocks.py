@@ -57,6 +57,8 @@ def test_onprem_hosts_become_gpu_host_resources_feeding_the_platform():
         "sshPrivateKey": SSH_KEY,
         "onprem": {
             "k3s": {"version": "v1.31.4+k3s1"},
+            "prepullImages": ["lmsysorg/sglang:v0.5.23"],
+            "smokeTestImage": "nvidia/cuda:12.4.1-base-ubuntu22.04",
             "hosts": [
                 {"name": "gpu-01", "address": "10.0.0.11", "user": "ubuntu", "hostKey": HOST_KEY_A,
                  "labels": {"digitalworker.io/pool": "prod"}},
@@ -73,6 +75,8 @@ def test_onprem_hosts_become_gpu_host_resources_feeding_the_platform():
     assert server.inputs["taints"] == ["nvidia.com/gpu=present:NoSchedule"]
     assert agent.inputs["taints"] == ["nvidia.com/gpu=present:NoExecute"]
     assert server.inputs["k3s_version"] == "v1.31.4+k3s1"
+    assert agent.inputs["prepull_images"] == ["lmsysorg/sglang:v0.5.23"]
+    assert agent.inputs["smoke_test_image"] == "nvidia/cuda:12.4.1-base-ubuntu22.04"
     # The agent joins the server: its URL, token and pinned host key come from the server resource.
     assert server.urn in agent.dependencies
     assert agent.inputs["server_url"] == "https://10.0.0.11:6443"
