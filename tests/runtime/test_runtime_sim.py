@@ -373,3 +373,27 @@ def test_cli_sim_takes_the_launch_config(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
+
+
+async def test_client_disconnect_frees_the_slot_and_counts_an_abort():
+    async with SimulatedSGLang(SimConfig(model_name="m", gpu_type="l4")) as server:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(server.url + "/v1/completions",
+                                          json={"model": "m", "prompt": "x", "max_tokens": 500, "stream": True})
+            await response.content.readline()  # the first token arrived: the request is running
+            assert server.engine.num_running == 1
+            response.close()  # the user closed the tab
+        for _ in range(100):
+            if server.engine.num_running == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.engine.num_running == 0
+        _, exposition = await get(server, "/metrics")
+        assert sample_value(exposition, "sglang:num_aborted_requests_total") == 1
+        assert "sglang:num_requests_total{" not in exposition  # it never finished
+
+
+async def test_request_larger_than_the_kv_cache_is_refused():
+    async with SimulatedSGLang(SimConfig(model_name="m", max_total_tokens=100, context_length=4096)) as server:
+        with pytest.raises(openai.BadRequestError, match="KV cache"):
+            await client_for(server).completions.create(model="m", prompt="abcd" * 80, max_tokens=50)
