@@ -90,7 +90,7 @@ def node_group_labels(group: GpuNodeGroupConfig) -> dict[str, str]:
 def node_group_taints(group: GpuNodeGroupConfig) -> list[dict[str, str]]:
     taints = []
     for taint in group.taints:
-        key, value, effect = hostprep._split_taint(taint)
+        key, value, effect = hostprep.split_taint(taint)
         taints.append({"key": key, "value": value, "effect": _EKS_TAINT_EFFECT[effect]})
     return taints
 
@@ -122,7 +122,7 @@ def validate_aws(config: AwsClusterConfig) -> list[str]:
             problems.append(f"{where}: need 0 <= minSize <= desiredSize <= maxSize and maxSize >= 1")
         for taint in group.taints:
             try:
-                hostprep._split_taint(taint)
+                hostprep.split_taint(taint)
             except ValueError as exc:
                 problems.append(f"{where}: {exc}")
     return problems

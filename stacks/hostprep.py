@@ -295,8 +295,8 @@ def reconcile_labels_and_taints(
             step=f"label node {name}",
         )
         changed = True
-    wanted = {_split_taint(t) for t in desired_taints}
-    stale = {_split_taint(t) for t in previously_managed_taints} - wanted
+    wanted = {split_taint(t) for t in desired_taints}
+    stale = {split_taint(t) for t in previously_managed_taints} - wanted
     add = [t for t in wanted if t not in current_taints]
     remove = [t for t in stale if t in current_taints]
     if add:
@@ -310,7 +310,7 @@ def reconcile_labels_and_taints(
     return changed
 
 
-def _split_taint(taint: str) -> tuple[str, str, str]:
+def split_taint(taint: str) -> tuple[str, str, str]:
     match = _TAINT.match(taint)
     if not match:
         raise ValueError(f"taint {taint!r} must look like key=value:NoSchedule")
@@ -520,7 +520,7 @@ def _compare_node(kubectl_host: RemoteHost, node_name: str, applied_labels: dict
     taints = {(t["key"], t.get("value", "") or "", t["effect"]) for t in (node.get("spec", {}).get("taints") or [])}
     drift = [f"label {k}: {labels.get(k)!r} instead of {v!r}" for k, v in sorted(applied_labels.items())
              if labels.get(k) != v]
-    drift += [f"taint {t} missing" for t in applied_taints if _split_taint(t) not in taints]
+    drift += [f"taint {t} missing" for t in applied_taints if split_taint(t) not in taints]
     return NodeReport(present=True, drift=tuple(drift))
 
 

@@ -89,6 +89,18 @@ def plan_from_props(props: dict[str, Any]) -> hostprep.NodePlan:
     )
 
 
+# What Pulumi's wire format puts where a value is not known yet (preview).
+UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+
+
+def _without_unknowns(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_unknowns(v) for k, v in value.items() if v != UNKNOWN}
+    if isinstance(value, list):
+        return [_without_unknowns(v) for v in value if v != UNKNOWN]
+    return value
+
+
 def _same(old: Any, new: Any) -> bool:
     # Pulumi hands back [] / {} / None interchangeably for empty inputs.
     return (old or None) == (new or None) or old == new
@@ -105,13 +117,15 @@ class GpuHostProvider(ResourceProvider):
             if not news.get(key):
                 failures.append(CheckFailure(key, f"{key} is required"))
         if not failures:
-            # Unknown values (during preview) are not checked; the rest must already be sound.
+            # Values still unknown during preview (the server's URL, token, host key) are not checked
+            # here; create/update validate them once known. The rest must already be sound.
+            known = _without_unknowns(news)
             try:
-                problems = hostprep.validate_plan(plan_from_props(news))
+                problems = hostprep.validate_plan(plan_from_props(known))
             except (KeyError, TypeError, ValueError) as exc:
                 problems = [str(exc)]
             for problem in problems:
-                if "server URL" in problem and not news.get("server_url"):
+                if "server URL" in problem and news.get("server_url") == UNKNOWN:
                     continue  # comes from the server resource; unknown until it exists
                 failures.append(CheckFailure("host", problem))
         return CheckResult(news, failures)

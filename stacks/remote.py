@@ -12,6 +12,7 @@ import io
 import logging
 import shlex
 import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -288,7 +289,7 @@ class RemoteHost:
             sftp = client.open_sftp()
             try:
                 home = sftp.normalize(".")
-                staging = f"{home}/.dw-upload-{abs(hash(path)) % 10**8}"
+                staging = f"{home}/.dw-upload-{uuid.uuid4().hex[:12]}"
                 with sftp.open(staging, "wb") as handle:
                     handle.chmod(0o600)  # before any byte lands: nobody else may read a secret
                     handle.write(data)

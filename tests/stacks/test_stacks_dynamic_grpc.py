@@ -129,3 +129,21 @@ def test_failures_reach_the_engine_as_clear_errors_without_secrets(fleet, dynami
     reasons = [f.reason for f in check.failures]
     assert any("not a valid node name" in r for r in reasons) and any("hostKey" in r for r in reasons)
     assert process.poll() is None  # a failed resource never takes the provider host down
+
+
+def test_preview_check_accepts_values_not_known_yet(dynamic_host):
+    """During preview an agent's server URL, token and the server's host key are still unknown."""
+    stub, _ = dynamic_host
+    props = {
+        "__provider": serialize_provider(GpuHostProvider()),
+        "node_name": "gpu-b", "role": "agent", "address": "10.0.0.12", "port": 22,
+        "private_key": "key-text", "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9n5q0j8Gv8r2bZt3o8Qb2yL1tX2m2v0qkq3T9aJ1cV",
+        "server_url": rpc.UNKNOWN, "k3s_token": rpc.UNKNOWN,
+        "server": {"address": "10.0.0.11", "port": 22, "user": "root", "host_key": rpc.UNKNOWN},
+    }
+    check = stub.Check(proto.CheckRequest(urn=URN.format("gpu-b"), olds=to_struct({}), news=to_struct(props)))
+    assert [f.reason for f in check.failures] == []
+    # Known but wrong values are still refused in the same preview.
+    bad = dict(props, taints=["no-effect"])
+    check = stub.Check(proto.CheckRequest(urn=URN.format("gpu-b"), olds=to_struct({}), news=to_struct(bad)))
+    assert any("taint 'no-effect'" in f.reason for f in check.failures)
