@@ -145,3 +145,9 @@ def test_launcher_hands_the_key_to_real_server_args(sglang_python, tmp_path):
     assert report == {"model_path": str(model), "served_model_name": "assistant", "port": 30000, "tp_size": 1,
                       "api_key_matches": True, "key_in_launch_command": False}
     assert secret.encode() not in out.getvalue() + err.getvalue()
+
+
+def test_setup_script_reuses_a_finished_venv(sglang_python):
+    result = subprocess.run(["bash", str(HERE / "sglang_venv.sh")], env={**os.environ, "DW_SGLANG_VENV": str(VENV)},
+                            capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == 0 and f"ready at {VENV}" in result.stdout
