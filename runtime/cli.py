@@ -118,7 +118,10 @@ def _launch(args: argparse.Namespace) -> int:
         print(json.dumps(plan.sglang_argv))
         return 0
     _progress(f"starting SGLang: {' '.join(plan.sglang_argv)}")
-    return supervise(plan)
+    try:
+        return supervise(plan)
+    except LaunchError as exc:
+        raise _user_error(str(exc)) from None
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -162,15 +162,21 @@ def supervise(
         for signum in FORWARDED_SIGNALS:
             previous_handlers[signum] = signal.signal(signum, forward)
     try:
-        child = subprocess.Popen(
-            plan.process_argv,
-            env=child_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=pass_fds,
-            # A neutral cwd: a checkout's top-level folders (e.g. operator/) must not shadow stdlib.
-            cwd="/",
-        )
+        try:
+            child = subprocess.Popen(
+                plan.process_argv,
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=pass_fds,
+                # A neutral cwd: a checkout's top-level folders (e.g. operator/) must not shadow stdlib.
+                cwd="/",
+            )
+        except OSError as exc:
+            for fd in (read_fd, write_fd):
+                if fd is not None:
+                    os.close(fd)
+            raise LaunchError(f"python: cannot start {plan.process_argv[0]} ({exc.strerror})") from None
         if write_fd is not None:
             os.close(read_fd)
             try:

@@ -317,3 +317,11 @@ def test_launch_with_a_missing_hub_model_is_one_line(tmp_path, standin):
     assert result.returncode == 2
     assert "repository not found" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "report.json").exists()  # SGLang never started
+
+
+def test_missing_interpreter_is_one_line(tmp_path):
+    config = write_config(tmp_path)
+    result = subprocess.run([CLI, "runtime", "launch", "--config", str(config), "--python", "/nonexistent/python3"],
+                            capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == 2 and "python: cannot start /nonexistent/python3" in result.stderr
+    assert "Traceback" not in result.stderr
