@@ -69,7 +69,11 @@ def run(probe=None, base_dir: Path | None = None) -> dict[str, Any]:
             join_token=cfg.get_secret("k3sToken") if parsed.onprem.k3s.server_url else None,
         )
         nodes = OnPremGpuNodes("gpu-nodes", args)
-        provider = k8s.Provider("cluster", kubeconfig=nodes.kubeconfig)
+        if parsed.onprem.k3s.server_url:
+            # Joining a cluster we do not manage: reach it like an existing one (kubeconfig/context keys).
+            provider = k8s.Provider("cluster", kubeconfig=parsed.kubeconfig, context=parsed.context)
+        else:
+            provider = k8s.Provider("cluster", kubeconfig=nodes.kubeconfig)
         depends_on = list(nodes.hosts)
         outputs.update(kubeconfig=nodes.kubeconfig, nodeNames=nodes.node_names, k3sServerUrl=nodes.server_url)
     else:

@@ -110,8 +110,9 @@ def test_onprem_joining_an_existing_cluster_makes_every_host_an_agent():
         "target": "onprem", "sshPrivateKey": SSH_KEY, "k3sToken": "K10join-token-abcdef",
         "onprem": {"k3s": {"serverUrl": "https://k3s.internal:6443"},
                    "hosts": [{"name": "gpu-07", "address": "10.0.0.17", "hostKey": HOST_KEY_A}]},
-        "platform": {"devicePlugin": False},
+        "platform": {"devicePlugin": False}, "kubeconfig": "/etc/dw/existing.kubeconfig",
     }, secret_keys=("sshPrivateKey", "k3sToken"))
+    assert run.one("pulumi:providers:kubernetes").inputs["kubeconfig"] == "/etc/dw/existing.kubeconfig"
     (host,) = run.of_type(GPU_HOST)
     assert host.inputs["role"] == "agent" and host.inputs["server_url"] == "https://k3s.internal:6443"
     assert host.inputs["k3s_token"] == "K10join-token-abcdef"
