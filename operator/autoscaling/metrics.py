@@ -80,12 +80,15 @@ class PrometheusMetricsSource:
     def __init__(self, url: str, *, timeout_seconds: float = 5.0, rate_window_seconds: float | None = None,
                  include_gpu: bool = True) -> None:
         from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
 
         self.url = url
         self.timeout_seconds = timeout_seconds
         self.rate_window_seconds = rate_window_seconds
         self.include_gpu = include_gpu
-        self._client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_seconds)
+        # One quick retry: a tick that waits through a long backoff is a tick late for everyone.
+        retry = Retry(total=1, backoff_factor=0.2, status_forcelist=(502, 503, 504))
+        self._client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_seconds, retry=retry)
 
     def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
         now = time.time() if now is None else now

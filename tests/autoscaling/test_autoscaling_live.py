@@ -1,0 +1,284 @@
+"""Metrics sources and the Autoscaler against real parts: the runtime's simulated SGLang servers
+(a prometheus_client exposition with SGLang's metric names), a real Prometheus, a load generator.
+
+The end-to-end test plays the operator's timer: every tick it calls `Autoscaler.tick` and, in Auto
+mode only, applies the decision by starting or stopping simulated replicas (each with a cold
+start) and pointing Prometheus at them.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+
+import aiohttp
+import pytest
+
+from conftest import free_port
+from digital_worker.operator.autoscaling.controller import Autoscaler, OperatorMetrics
+from digital_worker.operator.autoscaling.history import (
+    KV_CACHE_USAGE,
+    QUEUE_LENGTH,
+    REQUEST_RATE,
+    RUNNING_REQUESTS,
+    TTFT_P95,
+)
+from digital_worker.operator.autoscaling.metrics import (
+    InMemoryMetricsSource,
+    InProcessScraper,
+    PrometheusMetricsSource,
+    histogram_quantile,
+)
+from digital_worker.operator.autoscaling.policy import HOLD, HOLD_METRICS_MISSING, SCALE_UP
+from digital_worker.runtime.sim import SimConfig, SimulatedSGLang
+
+pytestmark = pytest.mark.timeout(150)
+PROMPT = "please summarise the quarterly report for the board " * 20
+
+
+class Fleet:
+    """Simulated replicas the test starts and stops; a round-robin load balancer in front."""
+
+    def __init__(self, prometheus=None, job: str = "dw-e2e", cold_start: float = 1.0) -> None:
+        self.prometheus = prometheus
+        self.job = job
+        self.cold_start = cold_start
+        self.servers: list[SimulatedSGLang] = []
+        self._next = 0
+
+    async def resize(self, replicas: int) -> None:
+        while len(self.servers) < replicas:
+            server = SimulatedSGLang(SimConfig(port=0, cold_start_seconds=self.cold_start, seed=len(self.servers)))
+            await server.start()
+            self.servers.append(server)
+        while len(self.servers) > replicas:
+            await self.servers.pop().stop()
+        if self.prometheus is not None:
+            await asyncio.to_thread(self.prometheus.set_targets, self.job, self.addresses())
+
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{server.port}" for server in self.servers]
+
+    def ready(self) -> int:
+        return sum(1 for server in self.servers if server.ready)
+
+    def pick(self) -> SimulatedSGLang | None:
+        ready = [server for server in self.servers if server.ready]
+        if not ready:
+            return None
+        self._next += 1
+        return ready[self._next % len(ready)]
+
+    async def close(self) -> None:
+        await self.resize(0)
+
+
+async def generate_load(fleet: Fleet, rate_at, stop: asyncio.Event, counts: dict) -> None:
+    """Open-loop Poisson-ish load following `rate_at(seconds since start)`."""
+    started = time.monotonic()
+    pending: set[asyncio.Task] = set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def one() -> None:
+            server = fleet.pick()
+            if server is None:
+                counts["rejected"] = counts.get("rejected", 0) + 1
+                return
+            try:
+                async with session.post(f"{server.url}/v1/completions",
+                                        json={"model": "default", "prompt": PROMPT, "max_tokens": 24}) as response:
+                    await response.read()
+                    counts[response.status] = counts.get(response.status, 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                counts["error"] = counts.get("error", 0) + 1
+
+        while not stop.is_set():
+            rate = max(0.1, rate_at(time.monotonic() - started))
+            task = asyncio.create_task(one())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0 / rate)
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+
+
+def test_histogram_quantile_matches_prometheus_semantics():
+    buckets = [(0.1, 10.0), (0.5, 60.0), (1.0, 95.0), (math.inf, 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * 40 / 50)
+    assert histogram_quantile(0.95, buckets) == pytest.approx(1.0)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(1.0)  # in the +Inf bucket: its lower bound
+    assert histogram_quantile(0.5, [(1.0, 0.0), (math.inf, 0.0)]) is None
+
+
+async def test_prometheus_source_reads_sglang_metrics(prometheus):
+    fleet = Fleet(prometheus, job="dw-metrics", cold_start=0.0)
+    stop = asyncio.Event()
+    counts: dict = {}
+    try:
+        await fleet.resize(2)
+        load = asyncio.create_task(generate_load(fleet, lambda t: 20.0, stop, counts))
+        # Polling blocks: off the event loop, so the load keeps flowing.
+        await asyncio.to_thread(
+            prometheus.wait_for, 'sum(rate({__name__=~"sglang[:_]num_requests_total",job="dw-metrics"}[5s])) > 5', 40)
+        await asyncio.sleep(6)  # a full rate window of steady load
+        source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=5, include_gpu=False)
+        history = await asyncio.to_thread(source.history, 'job="dw-metrics"', 30.0, 2.0)
+        stop.set()
+        await load
+    finally:
+        stop.set()
+        await fleet.close()
+    assert history.error is None
+    assert history.staleness(time.time()) < 10
+    peak = history.maximum(REQUEST_RATE, time.time() - 60)
+    assert 10.0 < peak < 30.0, history.values(REQUEST_RATE)  # 20 req/s offered (less on a busy machine)
+    for name in (QUEUE_LENGTH, RUNNING_REQUESTS, KV_CACHE_USAGE, TTFT_P95):
+        assert history.latest(name) is not None, name
+    assert 0 < history.latest(TTFT_P95) < 2.0
+    assert counts.get(200, 0) > 50
+
+
+async def test_prometheus_down_means_hold():
+    source = PrometheusMetricsSource(f"http://127.0.0.1:{free_port()}", timeout_seconds=1)
+    history = source.history('job="dw-gone"', 300.0, 20.0)
+    assert history.error and "Prometheus at" in history.error
+    autoscaler = Autoscaler()
+    try:
+        decision, status = await autoscaler.tick(
+            "team/bot", {"mode": "Auto", "minReplicas": 1, "maxReplicas": 6}, 4, 4, time.time(), source,
+            selector='job="dw-gone"')
+    finally:
+        autoscaler.close()
+    assert decision.action == HOLD and decision.desired_replicas == 4
+    assert decision.hold_condition == HOLD_METRICS_MISSING
+    assert status["holdCondition"] == HOLD_METRICS_MISSING and status["desiredReplicas"] == 4
+
+
+async def test_in_process_scraper_without_prometheus():
+    fleet = Fleet(cold_start=0.0)
+    source = InMemoryMetricsSource()
+    scraper = InProcessScraper(source)
+    stop = asyncio.Event()
+    try:
+        await fleet.resize(2)
+        load = asyncio.create_task(generate_load(fleet, lambda t: 15.0, stop, {}))
+        for _ in range(8):
+            await asyncio.sleep(1.0)
+            answered = await asyncio.to_thread(scraper.scrape, "team/bot", fleet.addresses())
+            assert answered == 2
+        stop.set()
+        await load
+        # Replicas gone: scrapes answer nothing, nothing is recorded, the history goes stale.
+        await fleet.close()
+        assert await asyncio.to_thread(scraper.scrape, "team/bot", [f"127.0.0.1:{free_port()}"]) == 0
+    finally:
+        stop.set()
+        await fleet.close()
+    history = source.history("team/bot", 60.0, 1.0)
+    assert 8.0 < history.maximum(REQUEST_RATE, 0) < 25.0
+    assert history.latest(TTFT_P95) is not None
+    assert history.staleness(time.time() + 120) > 100
+
+
+async def test_tick_never_waits_for_a_fit_and_installs_it_later():
+    """A long history makes the fit take a while; the tick must return before it is done."""
+    from prometheus_client import CollectorRegistry
+
+    source = InMemoryMetricsSource(retention_seconds=30 * 86400)
+    now = 1_700_000_000.0
+    bucket = 300.0
+    for i in range(int(14 * 86400 / bucket)):
+        t = now - 14 * 86400 + i * bucket
+        rate = 20 + 15 * math.sin(2 * math.pi * t / 86400)
+        source.record("team/bot", t, {REQUEST_RATE: rate, QUEUE_LENGTH: 0, KV_CACHE_USAGE: 0.3, TTFT_P95: 0.4})
+    registry = CollectorRegistry()
+    autoscaler = Autoscaler(bucket_seconds=bucket, metrics=OperatorMetrics(registry))
+    spec = {"mode": "DryRun", "minReplicas": 1, "maxReplicas": 20, "targetRequestsPerReplica": 4,
+            "intervalSeconds": 20, "coldStartSeconds": 120}
+    try:
+        started = time.perf_counter()
+        decision, status = await autoscaler.tick("team/bot", spec, 5, 5, now, source)
+        first_tick = time.perf_counter() - started
+        assert "forecast" not in status  # the fit is still running
+        await autoscaler.wait_for_fits()
+        decision, status = await autoscaler.tick("team/bot", spec, 5, 5, now + 20, source)
+    finally:
+        autoscaler.close()
+    assert first_tick < 0.5, first_tick
+    assert status["forecast"]["model"].startswith("holt-winters")
+    assert status["forecast"]["upper"] >= status["forecast"]["value"] > 0
+    assert status["mode"] == "DryRun" and status["lastFitSeconds"] > 0
+    assert "lastScaleTime" not in status  # DryRun scales nothing
+    assert registry.get_sample_value("digitalworker_autoscaler_fit_seconds_count") == 1
+    decisions = sum(registry.get_sample_value("digitalworker_autoscaler_decisions_total",
+                                              {"namespace": "team", "name": "bot", "action": action,
+                                               "mode": "DryRun"}) or 0 for action in ("ScaleUp", "ScaleDown", "Hold"))
+    assert decisions == 2
+
+
+async def test_off_and_invalid_specs():
+    autoscaler = Autoscaler()
+    try:
+        decision, status = await autoscaler.tick("a/b", {"mode": "Off"}, 3, 3, 0.0, None)
+        assert decision.action == HOLD and status == {"mode": "Off", "desiredReplicas": 3,
+                                                      "reason": "autoscaling is off"}
+        decision, status = await autoscaler.tick("a/b", {"mode": "Auto", "minReplicas": 5, "maxReplicas": 1},
+                                                 3, 3, 0.0, InMemoryMetricsSource())
+        assert decision.hold_condition == "InvalidSpec" and "maxReplicas" in status["reason"]
+    finally:
+        autoscaler.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["Auto", "DryRun"])
+async def test_replicas_follow_a_ramp_end_to_end(prometheus, mode):
+    """Load ramps 2 -> 14 req/s over 16 s; at 3 req/s per replica the fleet must grow to >= 4.
+
+    In DryRun the decisions say so, and nothing changes.
+    """
+    job = f"dw-ramp-{mode.lower()}"
+    fleet = Fleet(prometheus, job=job, cold_start=1.0)
+    source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=4, include_gpu=False)
+    autoscaler = Autoscaler(bucket_seconds=5.0, history_seconds=600.0)
+    spec = {"mode": mode, "minReplicas": 1, "maxReplicas": 8, "targetRequestsPerReplica": 3.0,
+            "intervalSeconds": 2, "coldStartSeconds": 2, "slo": {"ttftP95Seconds": 2.0},
+            "scaleDown": {"stabilizationSeconds": 6, "maxStepReplicas": 2}}
+    ramp = lambda t: 2.0 + 12.0 * min(1.0, t / 16.0)
+    duration = 28.0 if mode == "Auto" else 22.0
+    stop = asyncio.Event()
+    counts: dict = {}
+    decisions = []
+    replicas_seen = []
+    try:
+        await fleet.resize(1)
+        load = asyncio.create_task(generate_load(fleet, ramp, stop, counts))
+        started = time.monotonic()
+        while time.monotonic() - started < duration:
+            await asyncio.sleep(2.0)
+            decision, status = await autoscaler.tick(
+                f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
+            decisions.append((round(time.monotonic() - started), decision.desired_replicas, decision.action))
+            if mode == "Auto" and decision.desired_replicas != len(fleet.servers):
+                await fleet.resize(decision.desired_replicas)
+            replicas_seen.append(len(fleet.servers))
+        stop.set()
+        await load
+    finally:
+        stop.set()
+        autoscaler.close()
+        await fleet.close()
+    wanted = max(d for _, d, _ in decisions)
+    assert wanted >= 4, decisions
+    assert any(action == SCALE_UP for _, _, action in decisions)
+    if mode == "Auto":
+        assert replicas_seen[0] <= 2 and max(replicas_seen) >= 4, replicas_seen
+        # It grew with the ramp: never far ahead of what the current load needs.
+        assert max(replicas_seen) <= 8
+        assert status["mode"] == "Auto" and "lastScaleTime" in status
+    else:
+        assert set(replicas_seen) == {1}, replicas_seen  # DryRun changed nothing
+        assert status["mode"] == "DryRun" and status["desiredReplicas"] >= 4
+        assert "lastScaleTime" not in status
+    assert counts.get(200, 0) > 100
