@@ -133,6 +133,7 @@ def _parse_onprem(section: dict, base_dir: Path, has_secret: Callable[[str], boo
     k3s = _get(section, "k3s", {})
     k3s_config = K3sConfig(
         version=k3s.get("version"),
+        default_runtime=k3s.get("defaultRuntime", "nvidia") or None,
         installer_url=_get(k3s, "installerUrl", hostprep.DEFAULT_K3S_INSTALLER_URL),
         installer_script=_read_local(k3s.get("installerScript"), base_dir, "onprem.k3s.installerScript", problems),
         server_url=k3s.get("serverUrl"),

@@ -95,6 +95,9 @@ class NodePlan:
     prepull_images: tuple[str, ...] = ()
     # A container run with the node's GPUs (`k3s ctr run --gpus`) that must list them, once per image.
     smoke_test_image: str | None = None
+    # containerd's default runtime on these GPU hosts: every pod (runtime pods, the node agent, the
+    # device plugin) gets the NVIDIA runtime without each needing runtimeClassName. None: k3s's default.
+    default_runtime: str | None = "nvidia"
 
 
 def validate_plan(plan: NodePlan) -> list[str]:
@@ -165,6 +168,7 @@ def install_fingerprint(plan: NodePlan) -> str:
         "role": plan.role,
         "server_url": plan.server_url,
         "k3s_version": plan.k3s_version,
+        "default_runtime": plan.default_runtime,
         "node_name": plan.node_name,
         "address": plan.target.address,
     }
@@ -238,6 +242,8 @@ def install_k3s(host: RemoteHost, plan: NodePlan, token: str, labels: dict[str, 
         args += ["--node-label", f"{key}={value}"]
     for taint in plan.taints:
         args += ["--node-taint", taint]
+    if plan.default_runtime:
+        args += ["--default-runtime", plan.default_runtime]
     env = {}
     if plan.k3s_version:
         env["INSTALL_K3S_VERSION"] = plan.k3s_version

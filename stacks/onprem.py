@@ -36,6 +36,7 @@ UPDATE_KEYS = (
     "user", "private_key", "host_key", "accept_unknown_host_key", "k3s_version", "gpu_type", "labels",
     "taints", "install_toolkit", "toolkit_install_script", "installer_url", "installer_script",
     "server", "server_private_key", "node_ready_timeout", "prepull_images", "smoke_test_image",
+    "default_runtime",  # k3s is reinstalled in place with the new runtime
 )
 # Outputs only the provider fills in; declared so Pulumi exposes them on the resource.
 OUTPUT_KEYS = (
@@ -86,6 +87,7 @@ def plan_from_props(props: dict[str, Any]) -> hostprep.NodePlan:
         server_target=server_target,
         prepull_images=tuple(props.get("prepull_images") or ()),
         smoke_test_image=props.get("smoke_test_image") or None,
+        default_runtime=props.get("default_runtime", "nvidia") or None,
     )
 
 
@@ -245,6 +247,7 @@ class HostConfig:
 @dataclass(frozen=True)
 class K3sConfig:
     version: str | None = None
+    default_runtime: str | None = "nvidia"
     installer_url: str = hostprep.DEFAULT_K3S_INSTALLER_URL
     installer_script: str | None = None  # the script's text (the stack reads it from a local file)
     # Join a cluster we do not manage: every host becomes an agent of this server.
@@ -308,6 +311,7 @@ class OnPremGpuNodes(pulumi.ComponentResource):
                 "host_key": host.host_key,
                 "accept_unknown_host_key": args.accept_unknown_host_keys,
                 "k3s_version": args.k3s.version,
+                "default_runtime": args.k3s.default_runtime,
                 "gpu_type": host.gpu_type,
                 "labels": dict(host.labels),
                 "taints": list(host.taints),

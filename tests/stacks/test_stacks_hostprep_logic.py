@@ -66,6 +66,7 @@ def test_install_fingerprint_ignores_labels_and_taints():
     base = hostprep.install_fingerprint(plan())
     assert hostprep.install_fingerprint(plan(labels={"a": "b"}, taints=())) == base
     assert hostprep.install_fingerprint(plan(k3s_version="v1.31.4+k3s1")) != base
+    assert hostprep.install_fingerprint(plan(default_runtime=None)) != base
     assert hostprep.install_fingerprint(plan(role="agent", server_url="https://s:6443")) != base
 
 

@@ -85,6 +85,9 @@ def test_server_and_agent_become_labelled_tainted_gpu_nodes(fleet, provider):
     assert node_b["metadata"]["labels"]["digitalworker.io/gpu-type"] == "nvidia-h100-80gb"
     for node in (node_a, node_b):
         assert node["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    # GPU hosts run every pod through the NVIDIA runtime (no runtimeClassName needed in pod specs).
+    installs = [c for c in server.outs["commands"] + agent.outs["commands"] if "sh /var/lib/digital-worker/k3s-install.sh" in c]
+    assert len(installs) == 2 and all("--default-runtime nvidia" in c for c in installs)
     # The agent joined with the server's token (the fake installer rejects any other).
     assert fleet.installs() == ["gpu-a server", "gpu-b agent"]
     # The token travelled as a root-only file, and the marker records the applied state.
