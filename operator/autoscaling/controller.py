@@ -91,6 +91,18 @@ class Autoscaler:
         self.metrics = metrics
         self._entries: dict[str, _Entry] = {}
 
+    def install_fit(self, key: str, model, bucket_times: list[float], bucket_values: list[float],
+                    fitted_at: float) -> None:
+        """Restore a fit made elsewhere (a restart, a shared fit for many look-alike workers)."""
+        entry = self._entries.setdefault(key, _Entry())
+        entry.bucket_times = list(bucket_times)
+        entry.bucket_values = list(bucket_values)
+        used = model.observations or len(bucket_values)
+        entry.forecaster = IncrementalForecaster(model, entry.bucket_values[-used:])
+        entry.last_fit_time = fitted_at
+        entry.last_long_fetch = fitted_at
+        entry.last_fit_seconds = model.fit_seconds
+
     def forget(self, key: str) -> None:
         """Drop a deleted DigitalWorker's state."""
         entry = self._entries.pop(key, None)

@@ -217,6 +217,8 @@ def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:
 class InMemoryMetricsSource:
     """A bounded in-memory history per selector, fed by `record` (the scraper) or by tests."""
 
+    blocking = False  # reads are microseconds: the Autoscaler calls it on the event loop
+
     def __init__(self, retention_seconds: float = 3 * 86400.0) -> None:
         self.retention_seconds = retention_seconds
         self._series: dict[str, deque[tuple[float, dict[str, float]]]] = {}
