@@ -149,6 +149,9 @@ while i < len(args):
     i += 2
 with open(os.path.join(CLUSTER, "installs.log"), "a") as log:
     log.write(f"{{opts['--node-name']}} {{role}}\n")
+# What anyone on the host could see in `ps` and the environment: kept to check no secret is there.
+with open(os.path.join(CLUSTER, "argv.log"), "a") as log:
+    log.write(" ".join(sys.argv) + " ENV " + " ".join(f"{{k}}={{v}}" for k, v in sorted(os.environ.items())) + "\n")
 # A host that drops mid-install: kill this session's sshd processes (never the listener).
 drop_flag = "/var/lib/drop-during-install"
 if os.path.exists(drop_flag):

@@ -265,6 +265,11 @@ def test_no_secret_reaches_logs_or_outputs(fleet, provider, caplog):
 
     logged = caplog.text
     assert "install k3s agent" in logged and "drain gpu-b" in logged  # commands are logged...
+    # On the hosts: the token reached the installer as a file, never in its argv or environment.
+    seen_on_hosts = (fleet.cluster / "argv.log").read_text()
+    assert "--token-file /var/lib/digital-worker/k3s-token" in seen_on_hosts and TOKEN not in seen_on_hosts
+    for host in (server_host, agent_host):
+        assert TOKEN not in (host.root / "sshd.log").read_text()
     key_lines = [line for line in fleet.private_key.splitlines() if len(line) > 20]
     for secret in [TOKEN, *key_lines, "FAKE-CLIENT-KEY-0123456789abcdef"]:
         assert secret not in logged  # ...without secrets
