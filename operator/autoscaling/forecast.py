@@ -44,6 +44,7 @@ class FittedModel:
     ar_coefficients: tuple[float, ...] = ()  # ARIMA(p,1,0) on the differences
     error_quantiles: tuple[float, ...] = ()  # [h-1]: quantile of (actual - forecast) at horizon h
     lower_quantiles: tuple[float, ...] = ()  # [h-1]: the mirror (1 - quantile) error quantile
+    peak_quantiles: tuple[float, ...] = ()  # [h-1]: quantile of (actual peak - forecast peak) over 1..h
     quantile: float = 0.9
     backtest_mae: float = math.inf
     fit_seconds: float = 0.0
@@ -131,17 +132,22 @@ class ModelState:
         horizon_buckets = max(1, horizon_buckets)
         path = self.predict(horizon_buckets)
         model = self.model
-        uppers, lowers = [], []
+        lowers = []
         for h, value in enumerate(path, start=1):
-            index = min(h, len(model.error_quantiles)) - 1
-            upper_error = model.error_quantiles[index] if index >= 0 else 0.0
-            lower_error = model.lower_quantiles[index] if index >= 0 else 0.0
-            uppers.append(max(0.0, value + upper_error))
-            lowers.append(max(0.0, value + lower_error))
+            index = min(h, len(model.lower_quantiles)) - 1
+            lowers.append(max(0.0, value + (model.lower_quantiles[index] if index >= 0 else 0.0)))
+        point = max(0.0, max(path))
+        # The band of the peak itself (calibrated on the peaks of the backtest), not the peak of
+        # per-bucket bands, which would be a higher quantile than asked for.
+        if model.peak_quantiles:
+            upper = point + model.peak_quantiles[min(horizon_buckets, len(model.peak_quantiles)) - 1]
+        else:
+            index = min(horizon_buckets, len(model.error_quantiles)) - 1
+            upper = point + (model.error_quantiles[index] if index >= 0 else 0.0)
         return Forecast(
             horizon_seconds=horizon_seconds,
-            point=max(0.0, max(path)),
-            upper=max(uppers),
+            point=point,
+            upper=max(0.0, upper, point),
             lower=min(lowers),
             quantile=model.quantile,
             model=model.name,
@@ -189,45 +195,53 @@ def detect_seasonality(values, bucket_seconds: float, mode: str = "auto") -> int
     return 0
 
 
-def _backtest(model: FittedModel, values: np.ndarray, horizon: int, start: int) -> tuple[list[list[float]], ModelState]:
-    """Run the model over `values`; from index `start` on, collect errors at horizons 1..horizon."""
+def _backtest(model: FittedModel, values: np.ndarray, horizon: int, start: int):
+    """Run the model over `values`; from origin `start - 1` on, keep each origin's forecast path.
+
+    Returns (errors per horizon, peak errors per horizon, final state): errors[h-1] are
+    actual - forecast at h buckets ahead; peaks[h-1] are max(actual 1..h) - max(forecast 1..h).
+    """
     state = ModelState(model)
-    errors: list[list[float]] = [[] for _ in range(horizon)]
-    pending: dict[int, list[float]] = {}
+    paths: dict[int, list[float]] = {}
     for index, value in enumerate(values):
-        predictions = pending.pop(index, None)
-        if predictions is not None:
-            for h, predicted in enumerate(predictions, start=1):
-                if predicted is not None:
-                    errors[h - 1].append(value - predicted)
         state.update(float(value))
-        if index + 1 >= start - horizon and index + 1 < len(values):
-            path = state.predict(horizon)
-            for h, predicted in enumerate(path, start=1):
-                target = index + h
-                if target < len(values) and target >= start:
-                    pending.setdefault(target, [None] * horizon)[h - 1] = predicted
-    return errors, state
+        if start - 1 <= index < len(values) - 1:
+            paths[index] = state.predict(horizon)
+    errors: list[list[float]] = [[] for _ in range(horizon)]
+    peaks: list[list[float]] = [[] for _ in range(horizon)]
+    for origin, path in paths.items():
+        actual = values[origin + 1: origin + 1 + horizon]
+        actual_peak = -math.inf
+        predicted_peak = -math.inf
+        for h in range(len(actual)):
+            errors[h].append(float(actual[h]) - path[h])
+            actual_peak = max(actual_peak, float(actual[h]))
+            predicted_peak = max(predicted_peak, path[h])
+            peaks[h].append(actual_peak - predicted_peak)
+    return errors, peaks, state
 
 
 def _with_errors(model: FittedModel, values: np.ndarray, horizon: int, quantile: float, started: float) -> FittedModel:
     backtest_length = max(MIN_BACKTEST_ERRORS + horizon, min(len(values) // 4, int(3 * DAY_SECONDS / model.bucket_seconds)))
     start = max(1, len(values) - backtest_length)
-    errors, _ = _backtest(model, values, horizon, start)
-    uppers, lowers, maes = [], [], []
-    for per_horizon in errors:
+    errors, peak_errors, _ = _backtest(model, values, horizon, start)
+    uppers, lowers, peaks, maes = [], [], [], []
+    spread = float(np.std(values)) if len(values) > 1 else 0.0
+    for per_horizon, per_peak in zip(errors, peak_errors):
         if len(per_horizon) >= 3:
             array = np.asarray(per_horizon)
             uppers.append(float(np.quantile(array, quantile)))
             lowers.append(float(np.quantile(array, 1 - quantile)))
+            peaks.append(float(np.quantile(np.asarray(per_peak), quantile)))
             maes.append(float(np.mean(np.abs(array))))
         else:  # too short to measure: a wide band from the series' own spread
-            spread = float(np.std(values)) if len(values) > 1 else 0.0
             uppers.append(spread)
             lowers.append(-spread)
+            peaks.append(spread)
             maes.append(math.inf)
     mae = float(np.mean(maes)) if maes else math.inf
-    return _replace(model, error_quantiles=tuple(uppers), lower_quantiles=tuple(lowers), backtest_mae=mae,
+    return _replace(model, error_quantiles=tuple(uppers), lower_quantiles=tuple(lowers), peak_quantiles=tuple(peaks),
+                    backtest_mae=mae,
                     quantile=quantile, fit_seconds=time.perf_counter() - started, observations=len(values))
 
 
@@ -291,6 +305,7 @@ def fit_forecaster(
                             initial_level=float(values[-1]) if len(values) else 0.0)
         return _with_errors(model, values, horizon_buckets, quantile, started) if len(values) > 3 else _replace(
             model, error_quantiles=(float(np.std(values)) if len(values) > 1 else 0.0,) * horizon_buckets,
+            peak_quantiles=(float(np.std(values)) if len(values) > 1 else 0.0,) * horizon_buckets,
             lower_quantiles=(0.0,) * horizon_buckets, quantile=quantile, observations=len(values))
     candidates: list[FittedModel] = [FittedModel(kind="last-value", bucket_seconds=bucket_seconds)]
     season_length = detect_seasonality(values, bucket_seconds, seasonality)
@@ -309,6 +324,7 @@ def fit_forecaster(
         best = _replace(
             best,
             error_quantiles=tuple(max(a, b) for a, b in zip(best.error_quantiles, naive.error_quantiles)),
+            peak_quantiles=tuple(max(a, b) for a, b in zip(best.peak_quantiles, naive.peak_quantiles)),
             lower_quantiles=tuple(min(a, b) for a, b in zip(best.lower_quantiles, naive.lower_quantiles)),
         )
     return _replace(best, fit_seconds=time.perf_counter() - started)

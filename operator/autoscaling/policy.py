@@ -183,10 +183,14 @@ class ForecastPolicy:
         breach = self._breach(context)
         state = replace(state, breach_streak=state.breach_streak + 1 if breach else 0)
         if breach:
-            # Step up at once, by 10% of the fleet per consecutive breaching tick (at least one
-            # replica): a first breach is usually the edge of capacity, a lasting one is not.
-            ready = max(1, context.ready_replicas)
-            stepped = max(current, ready) + max(1, math.ceil(ready * self.BREACH_STEP * state.breach_streak))
+            # Scale up at once: enough for the current demand plus draining the queue within the
+            # lead time, and at least one replica more than are serving. Replicas still starting
+            # count: asking again each tick while they warm up would only overshoot.
+            queue = history.latest(QUEUE_LENGTH) or 0.0
+            drain = replicas_for(rate + queue / lead_time_seconds(spec, state), capacity)
+            stepped = max(drain, context.ready_replicas + 1)
+            if context.ready_replicas >= current:  # nothing pending: the step is needed now
+                stepped = max(stepped, current + max(1, math.ceil(current * self.BREACH_STEP)))
             if stepped > target:
                 target = stepped
             reasons.append(breach)
