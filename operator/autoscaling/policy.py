@@ -264,8 +264,7 @@ class ForecastPolicy:
         return None
 
     def _hold(self, context: PolicyContext, state: ForecastPolicyState, condition: str, reason: str):
-        """No trustworthy metrics: keep what we have, except an obvious emergency step up is not possible
-        without metrics either, so hold exactly (within min/max)."""
+        """No trustworthy metrics: keep the replicas we have (clamped to min/max), say why."""
         spec = context.spec
         desired = min(spec.max_replicas, max(spec.floor_replicas, context.replicas))
         action = SCALE_UP if desired > context.replicas else SCALE_DOWN if desired < context.replicas else HOLD

@@ -122,3 +122,17 @@ def test_simulate_help_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "digital_worker.operator.autoscaling.cli", "simulate", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--peak-replicas" in result.stdout and "--cold-start" in result.stdout
+
+
+def test_the_project_cli_runs_simulate(monkeypatch, tmp_path, capsys):
+    """Through digital_worker.cli.main, as soon as the lead lists our module there."""
+    from digital_worker import cli as project_cli
+
+    if "digital_worker.operator.autoscaling.cli" not in project_cli.COMMAND_MODULES:
+        monkeypatch.setattr(project_cli, "COMMAND_MODULES",
+                            project_cli.COMMAND_MODULES + ("digital_worker.operator.autoscaling.cli",))
+    assert project_cli.main(["simulate", "--demand", str(tmp_path / "nope.csv")]) == 2
+    assert "--demand: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        project_cli.main(["simulate", "--help"])
+    assert exit_info.value.code == 0 and "--policy" in capsys.readouterr().out
