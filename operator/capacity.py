@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from digital_worker.operator.traffic import ReplicaCounts, TrafficPlan, TrafficRouter
+
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TYPE_LABELS = ("digitalworker.io/gpu-type", "nvidia.com/gpu.product")
 # Effects that keep new pods off a node unless tolerated (PreferNoSchedule only discourages).
@@ -25,6 +27,7 @@ REASON_INSUFFICIENT_GPU = "InsufficientGPU"
 REASON_FITS = "CapacityAvailable"
 REASON_SHIFTING = "ShiftingCapacity"
 REASON_NOTHING_TO_ADD = "NoScaleUp"
+REASON_PARTIAL = "PartialCapacity"
 
 
 def _get(obj: Mapping[str, Any] | None, *keys: str) -> Any:
@@ -241,20 +244,26 @@ def plan_capacity(
     gpus_per_canary_replica: int,
     gpus_per_stable_replica: int | None = None,
     max_unavailable: int = 0,
+    stable_floor: int | None = None,
 ) -> CapacityDecision:
     """Decide the next replica counts of a step that wants (target_stable, target_canary).
 
-    One revision grows (the canary while progressing, the stable while aborting), the other
-    shrinks or stays. Each pod the other revision gives up frees its GPUs on one node, so it is
-    guaranteed to host `its GPUs // growing pod's GPUs` growing pods; nothing else is assumed.
-    1. Every added pod fits in free GPUs plus what the step's own scale-down frees: proceed.
-    2. Some fit: proceed with those, shrinking the other revision only as much as they need.
-    3. None fit, `max_unavailable` >= 1 (the rollout may run a replica short while a pod
-       starts): shift: take up to `max_unavailable` pods from the other revision (never its last
-       one while it should still serve) and add the growing pods they make room for.
-    4. Otherwise wait, reason InsufficientGPU, saying what is missing.
-    The other revision never shrinks by more than the growing one can provably use, so a rollout
-    cannot end with both revisions half-sized and the freed GPUs unusable.
+    Each pod a revision gives up frees its GPUs on one node, so it is guaranteed to host
+    `its GPUs // the other pod's GPUs` pods of the other revision; nothing else is assumed.
+
+    Canary growing (the rollout progressing):
+    1. every new pod fits in free GPUs plus what the step's own stable scale-down frees: proceed;
+    2. some fit: proceed with those, shrinking the stable only as much as they need;
+    3. none fit and `max_unavailable` >= 1 (the rollout may run a replica short while a pod
+       starts): shift up to `max_unavailable` stable pods to the canary, never below
+       `stable_floor` (default: 1 while the stable should serve, i.e. target_stable > 0);
+    4. otherwise wait, reason InsufficientGPU, saying what is missing.
+    The stable never shrinks by more than the canary can provably use, so a rollout cannot end
+    with both revisions half-sized and the freed GPUs unusable. While the canary grows the
+    stable does not grow back (an earlier shift) unless both fit.
+
+    Stable growing (an abort, or regrowing after a shift): best effort, never waits: it grows
+    into free GPUs and what the canary's scale-down frees.
     """
     stable_gpus = gpus_per_stable_replica or gpus_per_canary_replica
     if gpus_per_canary_replica <= 0 or stable_gpus <= 0:
@@ -274,77 +283,116 @@ def plan_capacity(
             return CapacityDecision(
                 "Proceed", target_stable, target_canary, REASON_FITS,
                 f"{add_canary} canary and {add_stable} stable replica(s) fit: {capacity.describe()}")
-        needed = add_canary * gpus_per_canary_replica + add_stable * stable_gpus
-        return CapacityDecision("Wait", current_stable, current_canary, REASON_INSUFFICIENT_GPU,
-                                f"needs {needed} more GPU(s) for {add_canary} canary and {add_stable} stable "
-                                f"replica(s); {capacity.describe()}")
+        target_stable = current_stable  # the canary goes first; the stable waits for spare GPUs
+    if add_canary > 0:
+        floor = stable_floor if stable_floor is not None else (1 if target_stable > 0 else 0)
+        return _grow_canary(capacity, current_stable, current_canary, target_stable, target_canary,
+                            gpus_per_canary_replica, stable_gpus, max_unavailable, min(floor, current_stable))
+    return _grow_stable(capacity, current_stable, current_canary, target_stable, target_canary,
+                        gpus_per_canary_replica, stable_gpus)
 
-    growing_is_canary = add_canary > 0
-    growing = _Side("canary", current_canary, target_canary, gpus_per_canary_replica)
-    other = _Side("stable", current_stable, target_stable, stable_gpus)
-    if not growing_is_canary:
-        growing, other = _Side("stable", current_stable, target_stable, stable_gpus), \
-            _Side("canary", current_canary, target_canary, gpus_per_canary_replica)
 
-    def decide(action: str, grown: int, other_count: int, reason: str, message: str) -> CapacityDecision:
-        if growing_is_canary:
-            return CapacityDecision(action, other_count, grown, reason, message)
-        return CapacityDecision(action, grown, other_count, reason, message)
-
-    add = growing.target - growing.current
-    fit_now = capacity.replicas_that_fit(growing.gpus)
-    per_freed = other.gpus // growing.gpus
-    planned_shrink = max(0, other.current - other.target)
+def _grow_canary(capacity: GpuCapacity, stable: int, canary: int, target_stable: int, target_canary: int,
+                 canary_gpus: int, stable_gpus: int, max_unavailable: int, stable_floor: int) -> CapacityDecision:
+    add = target_canary - canary
+    fit_now = capacity.replicas_that_fit(canary_gpus)
+    per_freed = stable_gpus // canary_gpus
+    planned_shrink = max(0, stable - target_stable)
     guaranteed = fit_now + planned_shrink * per_freed
-
     if add <= guaranteed:
-        relying = "" if add <= fit_now else f" once {planned_shrink} {other.name} replica(s) release their GPUs"
-        return decide("Proceed", growing.target, other.target, REASON_FITS,
-                      f"{add} {growing.name} replica(s) of {growing.gpus} GPU(s) fit{relying}: {capacity.describe()}")
-
+        relying = "" if add <= fit_now else f" once {planned_shrink} stable replica(s) release their GPUs"
+        return CapacityDecision("Proceed", target_stable, target_canary, REASON_FITS,
+                                f"{add} canary replica(s) of {canary_gpus} GPU(s) fit{relying}: {capacity.describe()}")
     if guaranteed > 0:
         shrink = _ceil_div(guaranteed - fit_now, per_freed) if guaranteed > fit_now else 0
-        return decide("Proceed", growing.current + guaranteed, other.current - shrink, REASON_FITS,
-                      f"{guaranteed} of {add} {growing.name} replica(s) fit now; the rest wait for GPUs: "
-                      f"{capacity.describe()}")
-
-    # Keep the other revision's last pod while it is meant to serve (target above 0).
-    keep = 1 if other.target > 0 else 0
-    shiftable = max(0, other.current - keep)
+        return CapacityDecision("Proceed", stable - shrink, canary + guaranteed, REASON_PARTIAL,
+                                f"{guaranteed} of {add} canary replica(s) fit now; the rest wait for GPUs: "
+                                f"{capacity.describe()}")
+    shiftable = max(0, stable - stable_floor)
     if max_unavailable >= 1 and per_freed >= 1 and shiftable > 0:
         shrink = min(max_unavailable, shiftable, _ceil_div(add, per_freed))
         grow = min(add, shrink * per_freed)
-        return decide(
-            "Shift", growing.current + grow, other.current - shrink, REASON_SHIFTING,
-            f"no free GPUs for the {growing.name} ({capacity.describe()}): scaling {other.name} "
-            f"{other.current}->{other.current - shrink} to host {grow} {growing.name} replica(s) in its place",
+        return CapacityDecision(
+            "Shift", stable - shrink, canary + grow, REASON_SHIFTING,
+            f"no free GPUs for the canary ({capacity.describe()}): scaling stable {stable}->{stable - shrink} "
+            f"to host {grow} canary replica(s) in its place",
         )
-
-    why = ""
     if per_freed < 1:
-        why = (f"; a {other.name} replica frees {other.gpus} GPU(s), less than one {growing.name} replica "
-               f"needs ({growing.gpus}), so shifting could strand both revisions")
+        why = (f"; a stable replica frees {stable_gpus} GPU(s), less than one canary replica needs "
+               f"({canary_gpus}), so shifting could strand both revisions")
     elif max_unavailable < 1:
-        why = f"; set maxUnavailable >= 1 to let the rollout shift GPUs from {other.name} to {growing.name}"
-    elif shiftable == 0:
-        why = f"; the {other.name} revision has no replica it can give up"
-    return decide(
-        "Wait", growing.current, other.current, REASON_INSUFFICIENT_GPU,
-        f"needs {add * growing.gpus} more GPU(s) ({add} {growing.name} replica(s) x {growing.gpus}); "
+        why = "; set maxUnavailable >= 1 to let the rollout shift GPUs from stable to canary"
+    else:
+        why = f"; the stable cannot give up more replicas (keeps {stable_floor} for its share of traffic)"
+    return CapacityDecision(
+        "Wait", stable, canary, REASON_INSUFFICIENT_GPU,
+        f"needs {add * canary_gpus} more GPU(s) ({add} canary replica(s) x {canary_gpus}); "
         f"{capacity.describe()}{why}",
     )
 
 
-@dataclass(frozen=True)
-class _Side:
-    name: str
-    current: int
-    target: int
-    gpus: int
+def _grow_stable(capacity: GpuCapacity, stable: int, canary: int, target_stable: int, target_canary: int,
+                 canary_gpus: int, stable_gpus: int) -> CapacityDecision:
+    add = target_stable - stable
+    fit_now = capacity.replicas_that_fit(stable_gpus)
+    planned_shrink = max(0, canary - target_canary)
+    guaranteed = fit_now + planned_shrink * (canary_gpus // stable_gpus)
+    if add <= guaranteed:
+        return CapacityDecision("Proceed", target_stable, target_canary, REASON_FITS,
+                                f"{add} stable replica(s) of {stable_gpus} GPU(s) fit: {capacity.describe()}")
+    return CapacityDecision(
+        "Proceed", stable + guaranteed, target_canary, REASON_PARTIAL,
+        f"{guaranteed} of {add} stable replica(s) fit now; the rest follow as GPUs free up: {capacity.describe()}",
+    )
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    """One step of a canary: what to apply now, after both the router and GPU capacity had
+    their say. `traffic` holds the replica counts, the weight achieved and the objects."""
+
+    traffic: TrafficPlan
+    capacity: CapacityDecision
+
+    @property
+    def waiting(self) -> bool:
+        return self.capacity.waiting
+
+    @property
+    def complete(self) -> bool:
+        """The step's weight is in place: the router's target reached, or (GPU capacity holding
+        the stable below its preferred size) the exact weight applied with nothing waiting."""
+        return not self.waiting and (self.traffic.settled or self.traffic.exact)
+
+
+def plan_rollout_step(
+    router: TrafficRouter,
+    capacity: GpuCapacity,
+    total_replicas: int,
+    canary_weight: int,
+    current: ReplicaCounts,
+    gpus_per_canary_replica: int,
+    gpus_per_stable_replica: int | None = None,
+    max_unavailable: int = 0,
+) -> RolloutStep:
+    """The router's plan for the weight, checked against GPU capacity. When capacity holds the
+    replicas below the plan (partial, shift or wait), the traffic split is recomputed for the
+    counts actually reached, so the canary never gets more weight than its pods can carry."""
+    wanted = router.plan(total_replicas, canary_weight, current)
+    decision = plan_capacity(
+        capacity, current.stable, current.canary, wanted.stable_replicas, wanted.canary_replicas,
+        gpus_per_canary_replica, gpus_per_stable_replica, max_unavailable,
+        stable_floor=router.stable_floor(total_replicas, canary_weight),
+    )
+    if (decision.stable_replicas, decision.canary_replicas) == (wanted.stable_replicas, wanted.canary_replicas):
+        return RolloutStep(wanted, decision)
+    held = router.for_counts(total_replicas, canary_weight, decision.stable_replicas, decision.canary_replicas,
+                             ready_canary=current.ready_canary)
+    return RolloutStep(held, decision)
 
 
 def _fits_both(capacity: GpuCapacity, canary: int, canary_gpus: int, stable: int, stable_gpus: int) -> bool:

@@ -66,6 +66,18 @@ class TrafficRouter(ABC):
         """Replica counts and objects that give the canary `canary_weight` percent of traffic,
         for a DigitalWorker of `total_replicas`, starting from `current` (None: jump to target)."""
 
+    @abstractmethod
+    def stable_floor(self, total_replicas: int, canary_weight: int) -> int:
+        """The fewest stable replicas that still carry the stable's share at this weight (what a
+        GPU-constrained rollout may shift the stable down to)."""
+
+    @abstractmethod
+    def for_counts(self, total_replicas: int, canary_weight: int, stable: int, canary: int,
+                   ready_canary: int | None = None) -> TrafficPlan:
+        """The traffic split when the revisions are held at (stable, canary) replicas, e.g. by GPU
+        capacity, instead of what `plan` asked for: never more weight than the canary's (ready)
+        pods can carry."""
+
 
 def _check_inputs(total_replicas: int, canary_weight: int) -> None:
     if isinstance(total_replicas, bool) or not isinstance(total_replicas, int) or total_replicas < 0:
@@ -159,6 +171,21 @@ class ReplicaRatioRouter(TrafficRouter):
             message += f" (stepping towards {target.canary} canary / {target.stable} stable)"
         return TrafficPlan(stable, canary, canary_weight, effective, exact, (), settled, message)
 
+    def stable_floor(self, total_replicas: int, canary_weight: int) -> int:
+        return self.target(total_replicas, canary_weight).stable
+
+    def for_counts(self, total_replicas: int, canary_weight: int, stable: int, canary: int,
+                   ready_canary: int | None = None) -> TrafficPlan:
+        # The shared Service only routes to ready pods by itself: counts are what we report.
+        _check_inputs(total_replicas, canary_weight)
+        target = self.target(total_replicas, canary_weight)
+        effective = _weight_of(stable, canary)
+        exact = math.isclose(effective, float(canary_weight), abs_tol=0.005)
+        settled = (stable, canary) == (target.stable, target.canary)
+        message = (f"held at {canary} canary / {stable} stable replica(s): {effective:g}% of traffic "
+                   f"for a requested {canary_weight}%")
+        return TrafficPlan(stable, canary, canary_weight, effective, exact, (), settled, message)
+
     def _step(self, total: int, target: ReplicaCounts, current: ReplicaCounts) -> tuple[int, int]:
         """One Deployment-style step from `current` towards `target`: scale-ups use the surge
         budget (pods above `total`), scale-downs keep `total - maxUnavailable` ready pods."""
@@ -223,17 +250,49 @@ class GatewayApiRouter(TrafficRouter):
     name: str = field(default="gatewayAPI", init=False)
 
     def plan(self, total_replicas: int, canary_weight: int, current: ReplicaCounts | None = None) -> TrafficPlan:
+        """Exact weights; with `current`, the route only sends the canary what its *ready* pods
+        can carry (a Service without ready endpoints would answer errors), so the weight climbs
+        to the requested one as canary pods become ready."""
         _check_inputs(total_replicas, canary_weight)
         canary = canary_replicas_for_weight(total_replicas, canary_weight)
         # The stable keeps its full size until the canary takes all traffic: its share may shrink
         # but its pods stay warm for an instant rollback.
         stable = total_replicas if canary_weight < 100 else 0
-        route = self.render_route(canary_weight)
+        weight = canary_weight
+        if current is not None:
+            weight = _weight_carried(canary_weight, canary, current.ready_canary)
+            if canary_weight >= 100 and weight < 100:
+                stable = max(stable, current.stable)  # keep serving until the canary can take it all
+        carriers = current.ready_canary if current is not None else canary
+        return self._plan(total_replicas, canary_weight, weight, stable, canary, weight == canary_weight,
+                          f"{carriers} ready canary replica(s)")
+
+    def stable_floor(self, total_replicas: int, canary_weight: int) -> int:
+        return math.ceil(total_replicas * (100 - canary_weight) / 100)
+
+    def for_counts(self, total_replicas: int, canary_weight: int, stable: int, canary: int,
+                   ready_canary: int | None = None) -> TrafficPlan:
+        _check_inputs(total_replicas, canary_weight)
+        needed = canary_replicas_for_weight(total_replicas, canary_weight)
+        carriers = canary if ready_canary is None else min(canary, ready_canary)
+        weight = _weight_carried(canary_weight, needed, carriers)
+        if stable == 0 and canary > 0:
+            weight = 100  # the stable is gone (a shift at full promotion): nothing else to send to
+        target_stable = total_replicas if canary_weight < 100 else 0
+        settled = weight == canary_weight and (stable, canary) == (target_stable, needed)
+        label = "canary replica(s)" if ready_canary is None else "ready canary replica(s)"
+        return self._plan(total_replicas, canary_weight, weight, stable, canary, settled, f"{carriers} {label}")
+
+    def _plan(self, total: int, requested: int, weight: int, stable: int, canary: int, settled: bool,
+              carriers: str) -> TrafficPlan:
         message = (
-            f"HTTPRoute {self.namespace}/{self.http_route}: {canary_weight}% to {self.canary_service}, "
-            f"{100 - canary_weight}% to {self.stable_service}"
+            f"HTTPRoute {self.namespace}/{self.http_route}: {weight}% to {self.canary_service}, "
+            f"{100 - weight}% to {self.stable_service}"
         )
-        return TrafficPlan(stable, canary, canary_weight, float(canary_weight), True, (route,), True, message)
+        if weight != requested:
+            message += f" (requested {requested}%: held to what {carriers} can carry)"
+        return TrafficPlan(stable, canary, requested, float(weight), weight == requested,
+                           (self.render_route(weight),), settled, message)
 
     def render_route(self, canary_weight: int) -> dict[str, Any]:
         metadata: dict[str, Any] = {
@@ -262,6 +321,13 @@ class GatewayApiRouter(TrafficRouter):
 
     def _backend(self, service: str, weight: int) -> dict[str, Any]:
         return {"group": "", "kind": "Service", "name": service, "port": self.port, "weight": weight}
+
+
+def _weight_carried(requested: int, needed: int, available: int) -> int:
+    """The share `available` canary pods can carry of a weight that needs `needed` of them."""
+    if needed <= 0 or available >= needed:
+        return requested
+    return requested * max(0, available) // needed
 
 
 # ---------------------------------------------------------------- settings

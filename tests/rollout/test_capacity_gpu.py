@@ -190,7 +190,10 @@ def test_plan_never_shifts_when_freed_gpus_cannot_host_a_canary_replica():
 
 def test_plan_keeps_the_last_stable_pod_while_it_serves():
     decision = plan_capacity(cap(0), 1, 0, 1, 1, gpus_per_canary_replica=1, max_unavailable=1)
-    assert decision.waiting and "no replica it can give up" in decision.message
+    assert decision.waiting and "cannot give up more replicas" in decision.message
+    # Down to an explicit floor (what the stable needs for its share), not below.
+    floored = plan_capacity(cap(0), 4, 0, 4, 3, gpus_per_canary_replica=1, max_unavailable=4, stable_floor=2)
+    assert (floored.action, floored.stable_replicas, floored.canary_replicas) == ("Shift", 2, 2)
 
 
 def test_plan_abort_grows_the_stable_into_what_the_canary_frees():
@@ -276,3 +279,60 @@ def test_real_kubernetes_client_objects_both_serializations():
         assert free == {"gpu-1": (3, ""), "gpu-2": (4, ""), "gpu-3": (0, "cordoned (unschedulable)")}
         # 3 free on gpu-1 hold one 2-GPU replica, 4 on gpu-2 hold two.
         assert capacity.fits(3, 2) is True and capacity.fits(4, 2) is False
+
+
+# ---------------------------------------------------------------- router + capacity together
+
+
+def test_rollout_step_on_a_full_cluster_holds_the_gateway_weight_to_the_canary_pods():
+    from digital_worker.operator.capacity import plan_rollout_step
+    from digital_worker.operator.traffic import GatewayApiRouter, ParentRef
+
+    router = GatewayApiRouter("r", "ns", ParentRef("gw"), "stable", "canary")
+    full = GpuCapacity(None, (GpuNode("n0", 8, 8),))
+    waiting = plan_rollout_step(router, full, 4, 50, ReplicaCounts(4, 0), gpus_per_canary_replica=2)
+    assert waiting.waiting and waiting.capacity.reason == REASON_INSUFFICIENT_GPU
+    assert waiting.traffic.effective_weight == 0.0 and waiting.traffic.canary_replicas == 0
+    shifted = plan_rollout_step(router, full, 4, 50, ReplicaCounts(4, 0), 2, max_unavailable=1)
+    assert shifted.capacity.action == "Shift"
+    assert (shifted.traffic.stable_replicas, shifted.traffic.canary_replicas) == (3, 1)
+    assert shifted.traffic.effective_weight == 0.0  # the new canary pod is not ready yet
+
+
+def test_gateway_rollout_tick_by_tick_on_a_full_node():
+    """8 GPUs, 4 stable replicas of 2 GPUs, Gateway API, maxUnavailable 1: the canary goes to 50%
+    then 100%. Pods become ready one tick after they are created. At every tick the canary's
+    weight is covered by its ready pods, serving pods never drop below total - maxUnavailable,
+    and GPUs are not oversold."""
+    from digital_worker.operator.capacity import plan_rollout_step
+    from digital_worker.operator.traffic import GatewayApiRouter, ParentRef
+
+    router = GatewayApiRouter("r", "ns", ParentRef("gw"), "stable", "canary")
+    total, gpus, node_gpus = 4, 2, 8
+    counts = ReplicaCounts(4, 0, 4, 0)
+    seen = []
+    for weight in (50, 100):
+        for _ in range(12):
+            capacity = GpuCapacity(None, (GpuNode("n0", node_gpus, (counts.stable + counts.canary) * gpus),))
+            step = plan_rollout_step(router, capacity, total, weight, counts, gpus, max_unavailable=1)
+            plan = step.traffic
+            assert not step.waiting, step.capacity.message
+            assert (plan.stable_replicas + plan.canary_replicas) * gpus <= node_gpus
+            canary_weight = plan.effective_weight
+            # The weight sent to the canary is covered by its ready pods (each pod 25% here), but
+            # for the one-replica-short moment maxUnavailable allows when the stable's last pod
+            # makes room for the canary's last one.
+            short = 1 if plan.stable_replicas == 0 else 0
+            assert canary_weight <= 100 * (counts.ready_canary + short) / total
+            serving_stable = min(counts.ready_stable, plan.stable_replicas)
+            assert serving_stable + counts.ready_canary >= total - 1
+            if canary_weight < 100:
+                assert serving_stable >= 1
+            seen.append((plan.stable_replicas, plan.canary_replicas, canary_weight))
+            # Pods that exist now are ready at the next tick.
+            counts = ReplicaCounts(plan.stable_replicas, plan.canary_replicas,
+                                   min(counts.ready_stable, plan.stable_replicas), plan.canary_replicas)
+            if step.complete:
+                break
+        assert step.complete and plan.effective_weight == weight
+    assert seen == [(3, 1, 0.0), (2, 2, 25.0), (2, 2, 50.0), (1, 3, 50.0), (0, 4, 100.0)]

@@ -230,3 +230,40 @@ def test_router_from_settings_names_the_bad_field(settings, field):
 def test_router_from_settings_validates_surge_early():
     with pytest.raises(ValueError, match="maxSurge"):
         router_from_settings({}, namespace="n", stable_service="s", canary_service="c", max_surge="lots")
+
+
+# ---------------------------------------------------------------- readiness and held counts
+
+
+def test_gateway_weight_climbs_with_ready_canary_pods():
+    router = gateway_router()
+    weights = []
+    for ready in (0, 1, 2):
+        plan = router.plan(4, 50, ReplicaCounts(4, 2, stable_ready=4, canary_ready=ready))
+        backends = plan.objects[0]["spec"]["rules"][0]["backendRefs"]
+        assert backends[1]["weight"] == plan.effective_weight and backends[0]["weight"] == 100 - plan.effective_weight
+        assert (plan.stable_replicas, plan.canary_replicas) == (4, 2)
+        weights.append((plan.effective_weight, plan.exact, plan.settled))
+    assert weights == [(0.0, False, False), (25.0, False, False), (50.0, True, True)]
+    assert "1 ready canary replica(s)" in router.plan(4, 50, ReplicaCounts(4, 2, 4, 1)).message
+
+
+def test_gateway_full_promotion_keeps_the_stable_until_the_canary_is_ready():
+    router = gateway_router()
+    waiting = router.plan(4, 100, ReplicaCounts(4, 4, stable_ready=4, canary_ready=2))
+    assert (waiting.stable_replicas, waiting.canary_replicas, waiting.effective_weight) == (4, 4, 50.0)
+    done = router.plan(4, 100, ReplicaCounts(4, 4, stable_ready=4, canary_ready=4))
+    assert (done.stable_replicas, done.canary_replicas, done.effective_weight, done.settled) == (0, 4, 100.0, True)
+
+
+def test_for_counts_reports_what_held_replicas_achieve():
+    ratio = ReplicaRatioRouter()
+    held = ratio.for_counts(4, 50, stable=3, canary=1)
+    assert (held.effective_weight, held.exact, held.settled) == (25.0, False, False)
+    assert ratio.for_counts(4, 50, stable=2, canary=2).settled
+    gateway = gateway_router()
+    held = gateway.for_counts(10, 30, stable=10, canary=1)  # 30% needs 3 canary replicas
+    assert held.effective_weight == 10.0 and not held.exact and not held.settled
+    assert held.objects[0]["spec"]["rules"][0]["backendRefs"][1]["weight"] == 10
+    assert gateway.for_counts(10, 30, stable=10, canary=3).settled
+    assert gateway.for_counts(10, 30, stable=10, canary=0).effective_weight == 0.0
