@@ -8,7 +8,17 @@ not as a cluster-wide GPU sum.
 `plan_capacity` is a pure policy: given what is free, where the rollout is and where it wants to be,
 it either proceeds, shifts capacity (scale the stable down only by what provably makes room for the
 same step's canary pods, so no rollout strands both revisions half-sized), or waits with reason
-`InsufficientGPU`.
+`InsufficientGPU`. `plan_rollout_step` runs a traffic router's plan through it and recomputes the
+traffic split for the replica counts actually reached, so the canary never gets more weight than
+its pods can carry. Typical use in a canary step:
+
+    capacity = gpu_capacity(nodes, pods, gpu_type="nvidia-h100-80gb", tolerations=pod_tolerations)
+    step = plan_rollout_step(router, capacity, total_replicas=4, canary_weight=25,
+                             current=ReplicaCounts(stable=4, canary=0, stable_ready=4, canary_ready=0),
+                             gpus_per_canary_replica=2, max_unavailable=1)
+    # scale to step.traffic.stable_replicas / canary_replicas, apply step.traffic.objects;
+    # step.waiting -> condition Progressing=False, reason step.capacity.reason (InsufficientGPU);
+    # step.complete -> the weight is in place: start the step's analysis / pause.
 """
 from __future__ import annotations
 
