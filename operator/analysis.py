@@ -384,13 +384,22 @@ def _traffic_gate(spec: AnalysisSpec, measurements: Mapping[str, MeasurementLike
     return None
 
 
-def judge_run(spec: AnalysisSpec, measurements: RunMeasurements) -> RunResult:
+def judge_run(
+    spec: AnalysisSpec, measurements: RunMeasurements, baseline: Mapping[str, MeasurementLike] | None = None
+) -> RunResult:
     """All checks of one run. Any Failed -> Failed; else any Inconclusive (or no checks) ->
-    Inconclusive; else Successful. Too few canary requests make every check Inconclusive."""
+    Inconclusive; else Successful. Too few canary requests make every check Inconclusive.
+
+    Relative checks compare with the stable over the same window; when the stable has no traffic
+    now (the canary took it all: `setWeight: 100`, a blue-green post-promotion analysis) they
+    compare with `baseline`, the stable's numbers captured before the step, if one was."""
     definitions = spec.checks()
     errors = measurements.provider_errors()
     canary_gate = _traffic_gate(spec, measurements.canary)
     stable_gate = _traffic_gate(spec, measurements.stable) if spec.needs_stable() else None
+    reference, reference_name = measurements.stable or {}, "stable"
+    if stable_gate is not None and baseline and _traffic_gate(spec, baseline) is None:
+        reference, reference_name, stable_gate = baseline, "baseline", None
     results = []
     for definition in definitions:
         if canary_gate is not None:
@@ -406,8 +415,11 @@ def judge_run(spec: AnalysisSpec, measurements: RunMeasurements) -> RunResult:
             results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
                                        definition.threshold, message=f"stable: {stable_gate}"))
         else:
-            stable = (measurements.stable or {}).get(definition.metric)
-            results.append(judge_relative(definition, measurements.canary.get(definition.metric), stable))
+            result = judge_relative(definition, measurements.canary.get(definition.metric),
+                                    reference.get(definition.metric))
+            if reference_name == "baseline":
+                result = replace(result, message=result.message.replace(" / stable ", " / stable before the step "))
+            results.append(result)
     checks = tuple(results)
     failed = [check for check in checks if check.verdict is Verdict.FAILED]
     inconclusive = [check for check in checks if check.verdict is Verdict.INCONCLUSIVE]
@@ -444,10 +456,19 @@ class AnalysisState:
     checks: tuple[CheckResult, ...] = field(default_factory=tuple)
     reason: str = ""
     message: str = ""
+    # The stable's numbers captured before the step (measurement name, value), for relative
+    # checks once the stable gets no traffic; see `measure_baseline`.
+    baseline: tuple[tuple[str, float], ...] = ()
 
     @classmethod
-    def start(cls, now: float) -> "AnalysisState":
-        return cls(started_at=now)
+    def start(cls, now: float, baseline: Mapping[str, MeasurementLike] | None = None) -> "AnalysisState":
+        """A fresh analysis; `baseline` keeps the usable numbers of the stable's last window."""
+        kept = []
+        for name, measurement in sorted((baseline or {}).items()):
+            value, problem = _as_value(measurement)
+            if problem is None:
+                kept.append((name, value))
+        return cls(started_at=now, baseline=tuple(kept))
 
     @property
     def finished(self) -> bool:
@@ -466,6 +487,7 @@ class AnalysisState:
             "checks": [check.to_dict() for check in self.checks],
             "reason": self.reason,
             "message": self.message,
+            "baseline": dict(self.baseline),
         }
 
     @classmethod
@@ -485,6 +507,11 @@ class AnalysisState:
             checks=tuple(CheckResult.from_dict(item) for item in data.get("checks") or ()),
             reason=str(data.get("reason") or ""),
             message=str(data.get("message") or ""),
+            baseline=tuple(sorted(
+                (str(name), number) for name, number in
+                ((name, _float_or_none(value)) for name, value in dict(data.get("baseline") or {}).items())
+                if number is not None
+            )),
         )
 
 
@@ -520,7 +547,7 @@ def evaluate(
     if state.phase is not Phase.RUNNING:
         return _settled_result(state, spec), state
 
-    run = judge_run(spec, measurements)
+    run = judge_run(spec, measurements, dict(state.baseline))
     successful_runs = state.successful_runs
     consecutive_failures = state.consecutive_failures
     consecutive_inconclusive = state.consecutive_inconclusive
@@ -685,3 +712,16 @@ def measure_run(
     canary = provider.measure_all(canary_queries, at)
     stable = provider.measure_all(stable_queries, at) if stable_queries else None
     return RunMeasurements(canary, stable)
+
+
+def measure_baseline(
+    provider: MetricProvider,
+    spec: AnalysisSpec,
+    stable_matchers: LabelMatchers,
+    at: float | None = None,
+    http_errors: HttpErrorSource | None = None,
+) -> dict[str, Measurement]:
+    """The stable's numbers over the window ending `at` (None: now), taken before a step that
+    moves all traffic away from it; pass them to `AnalysisState.start(now, baseline=...)`."""
+    _, stable_queries = run_queries(spec, {}, stable_matchers, http_errors)
+    return provider.measure_all(stable_queries, time.time() if at is None else at)

@@ -27,6 +27,7 @@ from digital_worker.operator.analysis import (
     Verdict,
     evaluate,
     judge_run,
+    measure_baseline,
     measure_run,
 )
 from digital_worker.operator.metric_providers import (
@@ -272,6 +273,17 @@ def test_analysis_against_real_prometheus(fleet):
     assert by_name["maxTTFTP95Ratio"].value / by_name["maxTTFTP95Ratio"].baseline > 1.5
     assert by_name["maxITLP95Ratio"].verdict is Verdict.SUCCESSFUL
     assert result.action is Action.ABORT
+
+    # The canary took all traffic (the stable's series are idle now): relative checks fall back
+    # to the stable's numbers captured before the step.
+    baseline = measure_baseline(provider, spec, matchers("stable"))
+    assert baseline[REQUEST_COUNT].value > 50 and 0.2 < baseline[TTFT_P95].value <= 0.4
+    state = AnalysisState.start(0.0, baseline=baseline)
+    result, _ = evaluate(state, measure_run(provider, spec, matchers("slow"), matchers("idle")), 5.0, spec)
+    ratio = {check.name: check for check in result.checks}["maxTTFTP95Ratio"]
+    assert ratio.verdict is Verdict.FAILED and "before the step" in ratio.message
+    result, _ = evaluate(state, measure_run(provider, spec, matchers("healthy"), matchers("idle")), 5.0, spec)
+    assert result.action is Action.PASS, result.message
 
     # Series present but no traffic, and a revision Prometheus never saw: Inconclusive -> pause.
     for revision in ("idle", "never-deployed"):

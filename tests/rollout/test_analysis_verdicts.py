@@ -456,3 +456,37 @@ def test_error_rate_confidence_spec_key():
     for bad in (1.0, 0.2, "high"):
         with pytest.raises(ValueError, match="analysis.errorRateConfidence"):
             AnalysisSpec.from_dict({"errorRateConfidence": bad})
+
+
+# ---------------------------------------------------------------- baseline before the step
+
+
+def test_relative_checks_use_the_baseline_when_the_stable_has_no_traffic():
+    spec = AnalysisSpec()
+    no_stable_traffic = stable(**{REQUEST_COUNT: 0.0, TTFT_P95: None, ITL_P95: None})
+    baseline = {REQUEST_COUNT: Measurement(QUERY, 500.0, 1), TTFT_P95: Measurement(QUERY, 0.4, 1),
+                ITL_P95: Measurement(QUERY, 0.02, 1), ERROR_RATE: Measurement(QUERY, None, 0)}
+    state = AnalysisState.start(0.0, baseline=baseline)
+    assert dict(state.baseline) == {REQUEST_COUNT: 500.0, TTFT_P95: 0.4, ITL_P95: 0.02}  # unusable ones dropped
+    assert AnalysisState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+    slow = RunMeasurements(good(**{TTFT_P95: 0.8}), no_stable_traffic)
+    result, _ = evaluate(state, slow, 30.0, spec)
+    ratio = {check.name: check for check in result.checks}["maxTTFTP95Ratio"]
+    assert ratio.verdict is Verdict.FAILED and ratio.baseline == 0.4
+    assert "stable before the step" in ratio.message
+    result, _ = evaluate(state, RunMeasurements(good(), no_stable_traffic), 30.0, spec)
+    assert result.action is Action.PASS
+
+    # Without a baseline, or with one too thin to trust, the relative checks stay Inconclusive.
+    result, _ = evaluate(AnalysisState.start(0.0), slow, 30.0, spec)
+    assert result.verdict is Verdict.INCONCLUSIVE
+    thin = AnalysisState.start(0.0, baseline={REQUEST_COUNT: 3.0, TTFT_P95: 0.4, ITL_P95: 0.02})
+    assert evaluate(thin, slow, 30.0, spec)[0].verdict is Verdict.INCONCLUSIVE
+
+
+def test_live_stable_traffic_wins_over_the_baseline():
+    state = AnalysisState.start(0.0, baseline={REQUEST_COUNT: 500.0, TTFT_P95: 10.0, ITL_P95: 1.0})
+    result, _ = evaluate(state, SLOW, 30.0, AnalysisSpec())
+    ratio = {check.name: check for check in result.checks}["maxTTFTP95Ratio"]
+    assert ratio.baseline == 0.4 and ratio.verdict is Verdict.FAILED
