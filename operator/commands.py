@@ -46,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="seconds to wait for the DigitalWorker to become Ready (default: %(default)s)")
     dev.set_defaults(handler=cmd_dev)
 
+    emulated = subparsers.add_parser(
+        "emulated-cluster", help="serve only the emulated Kubernetes API (for `run`, kubectl, benchmarks)",
+        description="Serve the emulated Kubernetes API on loopback with the DigitalWorker CRD installed, write "
+                    "its kubeconfig, and run until SIGTERM/Ctrl-C. Point `digital-worker run` at it.")
+    emulated.add_argument("--kubeconfig-out", default=".digital-worker/kubeconfig")
+    emulated.add_argument("--no-pods", action="store_true", help="do not simulate pods for Deployments")
+    emulated.add_argument("--stats-out", default=None, help="write API request counts (JSON) here on exit")
+    emulated.set_defaults(handler=cmd_emulated_cluster)
+
 
 def cmd_crd(args: argparse.Namespace) -> int:
     from digital_worker.operator.schema import crd_yaml
@@ -107,3 +116,29 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     return run_dev(manifest=args.filename, kubeconfig_out=args.kubeconfig_out, duration=args.duration,
                    timeout=args.timeout)
+
+
+def cmd_emulated_cluster(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+
+    from digital_worker.operator.emulator import EmulatedCluster
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmulatedCluster(kubeconfig=Path(args.kubeconfig_out).resolve(), pod_simulator=not args.no_pods) as cluster:
+        print(f"emulated Kubernetes API at {cluster.url}; kubeconfig: {cluster.kubeconfig_path}", flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        if args.stats_out:
+            counts = cluster.call(lambda: _counts(cluster))
+            Path(args.stats_out).write_text(json.dumps(counts, indent=2, sort_keys=True))
+    return 0
+
+
+async def _counts(cluster) -> dict:
+    return dict(cluster.emulator.request_counts)

@@ -20,13 +20,9 @@ def run_foreground(*, namespaces: list[str] | None, liveness: str | None, peerin
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _import_handlers()
-    kopf.run(
-        clusterwide=not namespaces,
-        namespaces=namespaces or (),
-        liveness_endpoint=liveness,
-        standalone=peering is None,
-        peering_name=peering or "digital-worker",
-    )
+    # Standalone unless a peering name is given: kopf waits for its peering CRD whenever a name is set.
+    peering_args = {"peering_name": peering, "standalone": False} if peering else {"standalone": True}
+    kopf.run(clusterwide=not namespaces, namespaces=namespaces or (), liveness_endpoint=liveness, **peering_args)
 
 
 class OperatorThread:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_http
+from dwtest_support import free_port, wait_http
 from digital_worker.runtime.contract import DEFAULT_IMAGE, SGLANG_BASE_IMAGE, SGLANG_VERSION
 from digital_worker.runtime.image import (
     ImageBuildError,

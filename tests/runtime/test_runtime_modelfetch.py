@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_http
+from dwtest_support import free_port, wait_http
 from digital_worker.runtime.modelfetch import (
     MARKER_NAME,
     ModelFetchError,

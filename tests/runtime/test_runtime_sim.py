@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import free_port, wait_http
+from dwtest_support import free_port, wait_http
 from digital_worker.runtime.contract import SGLANG_VERSION
 from digital_worker.runtime.sglang_metrics import METRICS
 from digital_worker.runtime.sim import SimConfig, SimulatedSGLang
