@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from dwtest_support import SHARED_DATA
 from digital_worker.operator.autoscaling.forecast import (
     IncrementalForecaster,
     ModelState,

@@ -15,7 +15,7 @@ import time
 import aiohttp
 import pytest
 
-from conftest import free_port
+from dwtest_support import free_port
 from digital_worker.operator.autoscaling.controller import Autoscaler, OperatorMetrics
 from digital_worker.operator.autoscaling.history import (
     KV_CACHE_USAGE,
@@ -204,9 +204,14 @@ async def test_tick_never_waits_for_a_fit_and_installs_it_later():
         assert "forecast" not in status  # the fit is still running
         await autoscaler.wait_for_fits()
         decision, status = await autoscaler.tick("team/bot", spec, 5, 5, now + 20, source)
+        _, with_nodes = await autoscaler.tick("team/bot", spec, 5, 5, now + 40, source, node_provisioning_seconds=600)
+        await autoscaler.wait_for_fits()
     finally:
         autoscaler.close()
     assert first_tick < 0.5, first_tick
+    # Lead time = cold start + one tick (+ half a bucket of averaging), plus new nodes when needed.
+    assert status["forecast"]["horizonSeconds"] == pytest.approx(120 + 20 + bucket / 2)
+    assert with_nodes["forecast"]["horizonSeconds"] == pytest.approx(status["forecast"]["horizonSeconds"] + 600)
     assert status["forecast"]["model"].startswith("holt-winters")
     assert status["forecast"]["upper"] >= status["forecast"]["value"] > 0
     assert status["mode"] == "DryRun" and status["lastFitSeconds"] > 0
@@ -215,7 +220,7 @@ async def test_tick_never_waits_for_a_fit_and_installs_it_later():
     decisions = sum(registry.get_sample_value("digitalworker_autoscaler_decisions_total",
                                               {"namespace": "team", "name": "bot", "action": action,
                                                "mode": "DryRun"}) or 0 for action in ("ScaleUp", "ScaleDown", "Hold"))
-    assert decisions == 2
+    assert decisions == 3
 
 
 async def test_off_and_invalid_specs():

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from dwtest_support import SHARED_DATA
 from digital_worker.operator.autoscaling import simulator
 from digital_worker.operator.autoscaling.cli import register
 
