@@ -120,11 +120,12 @@ class Autoscaler:
             await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
 
     # -- reading metrics --------------------------------------------------------------------------
-    async def _read(self, source: MetricsSource, selector: str, window: float, step: float, now: float) -> MetricHistory:
+    async def _read(self, source: MetricsSource, selector: str, window: float, step: float, now: float,
+                    names=None) -> MetricHistory:
         if getattr(source, "blocking", True) is False:
-            return source.history(selector, window, step, now)
+            return source.history(selector, window, step, now, names)
         try:
-            return await asyncio.to_thread(source.history, selector, window, step, now)
+            return await asyncio.to_thread(source.history, selector, window, step, now, names)
         except Exception as exc:  # a source that raises is treated like one that is down
             return MetricHistory.failed(f"{type(exc).__name__}: {exc}")
 
@@ -133,7 +134,8 @@ class Autoscaler:
         if now - entry.last_long_fetch < self.bucket_seconds:
             return
         window = self.history_seconds if not entry.bucket_times else now - entry.bucket_times[-1] + self.bucket_seconds
-        long = await self._read(source, selector, min(window, self.history_seconds), self.bucket_seconds, now)
+        long = await self._read(source, selector, min(window, self.history_seconds), self.bucket_seconds, now,
+                                (REQUEST_RATE,))
         if long.error is not None:
             return
         entry.last_long_fetch = now
@@ -204,9 +206,11 @@ class Autoscaler:
         source: MetricsSource | None = None,
         *,
         selector: str | None = None,
+        node_provisioning_seconds: float = 0.0,
     ) -> tuple[Decision, dict]:
         """Decide for one DigitalWorker. `key` is "namespace/name"; `selector` the PromQL label
-        matcher of its pods' series (default: `key`, the in-memory source's naming)."""
+        matcher of its pods' series, all revisions (default: `key`, the in-memory source's naming);
+        `node_provisioning_seconds` is added to the lead time when new replicas need new nodes."""
         now = time.time() if now is None else now
         entry = self._entries.setdefault(key, _Entry())
         try:
@@ -222,7 +226,7 @@ class Autoscaler:
             raise ValueError("a MetricsSource is needed unless mode is Off")
         selector = selector or key
 
-        lead = lead_time_seconds(spec, entry.policy_state)
+        lead = lead_time_seconds(spec, entry.policy_state) + max(0.0, node_provisioning_seconds)
         short_window = max(12 * spec.interval_seconds, 300.0)
         history = await self._read(source, selector, short_window, spec.interval_seconds, now)
         if history.error is None:

@@ -19,7 +19,7 @@ from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from .history import (
     GENERATION_TOKEN_RATE,
@@ -37,7 +37,9 @@ from .history import (
 
 
 class MetricsSource(Protocol):
-    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
+    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None,
+                names: Sequence[str] | None = None) -> MetricHistory:
+        """Samples every `step` seconds over the last `window_seconds` (only `names`, when given)."""
         ...
 
 
@@ -90,14 +92,17 @@ class PrometheusMetricsSource:
         retry = Retry(total=1, backoff_factor=0.2, status_forcelist=(502, 503, 504))
         self._client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_seconds, retry=retry)
 
-    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
+    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None,
+                names: Sequence[str] | None = None) -> MetricHistory:
         now = time.time() if now is None else now
         step = max(1.0, float(step))
         rate_window = self.rate_window_seconds or max(60.0, 2 * step)
         queries = promql_queries(selector, rate_window)
-        if not self.include_gpu:
-            queries.pop(GPU_UTILIZATION)
-            queries.pop(GPU_MEMORY_USED)
+        if names is not None:
+            queries = {name: query for name, query in queries.items() if name in names}
+        elif not self.include_gpu:
+            queries = {name: query for name, query in queries.items()
+                       if name not in (GPU_UTILIZATION, GPU_MEMORY_USED)}
         start = datetime.fromtimestamp(now - window_seconds, tz=timezone.utc)
         end = datetime.fromtimestamp(now, tz=timezone.utc)
         columns: dict[str, dict[float, float]] = {}
@@ -247,7 +252,8 @@ class InMemoryMetricsSource:
             self._series.pop(selector, None)
             self._last_scrape.pop(selector, None)
 
-    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None) -> MetricHistory:
+    def history(self, selector: str, window_seconds: float, step: float, now: float | None = None,
+                names: Sequence[str] | None = None) -> MetricHistory:
         now = time.time() if now is None else now
         step = max(1e-3, float(step))
         with self._lock:
