@@ -262,8 +262,11 @@ def _fit_exponential_smoothing(values: np.ndarray, bucket_seconds: float, season
                 initialization_method="heuristic",
             ).fit()
         else:
+            # Floor on the level's smoothing: on a short noisy history the optimiser likes a level
+            # that never moves, and a forecaster that ignores a shift in demand is worse than none.
             fitted = ExponentialSmoothing(
-                values, trend="add", damped_trend=True, initialization_method="estimated"
+                values, trend="add", damped_trend=True, initialization_method="estimated",
+                bounds={"smoothing_level": (0.2, 1.0)},
             ).fit()
     params = fitted.params
 
