@@ -165,33 +165,36 @@ class ScrapeSample:
 
 
 def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
-    """Sum the SGLang metrics of several replicas' /metrics pages (either name spelling)."""
+    """Sum the SGLang metrics of several replicas' /metrics pages (either name spelling).
+
+    Works sample by sample: with an OpenMetrics page whose TYPE lines say `sglang:x` while the
+    samples say `sglang_x_total`, the parser returns untyped families, but the samples are right.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
-    totals = {"num_requests": 0.0, "prompt_tokens": 0.0, "generation_tokens": 0.0,
-              "num_queue_reqs": 0.0, "num_running_reqs": 0.0}
+    counters = {"num_requests_total": 0.0, "prompt_tokens_total": 0.0, "generation_tokens_total": 0.0}
+    gauges = {"num_queue_reqs": 0.0, "num_running_reqs": 0.0}
     usage = 0.0
     buckets: dict[float, float] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
-            name = family.name.replace("sglang:", "sglang_")
-            if not name.startswith("sglang_"):
-                continue
-            short = name[len("sglang_"):]
             for sample in family.samples:
-                sample_name = sample.name.replace("sglang:", "sglang_")[len("sglang_"):]
-                if short in ("num_requests", "prompt_tokens", "generation_tokens") and sample_name.endswith("_total"):
-                    totals[short] += sample.value
-                elif short in ("num_queue_reqs", "num_running_reqs") and sample_name == short:
-                    totals[short] += sample.value
-                elif short == "token_usage" and sample_name == short:
+                name = sample.name.replace("sglang:", "sglang_")
+                if not name.startswith("sglang_"):
+                    continue
+                short = name[len("sglang_"):]
+                if short in counters:
+                    counters[short] += sample.value
+                elif short in gauges:
+                    gauges[short] += sample.value
+                elif short == "token_usage":
                     usage = max(usage, sample.value)
-                elif short == "time_to_first_token_seconds" and sample_name.endswith("_bucket"):
+                elif short == "time_to_first_token_seconds_bucket":
                     bound = float(sample.labels.get("le", "inf"))
                     buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return ScrapeSample(now, totals["num_requests"], totals["prompt_tokens"], totals["generation_tokens"],
-                        totals["num_queue_reqs"], totals["num_running_reqs"], usage,
-                        tuple(sorted(buckets.items())))
+    return ScrapeSample(now, counters["num_requests_total"], counters["prompt_tokens_total"],
+                        counters["generation_tokens_total"], gauges["num_queue_reqs"], gauges["num_running_reqs"],
+                        usage, tuple(sorted(buckets.items())))
 
 
 def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:
