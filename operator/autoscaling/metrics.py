@@ -26,7 +26,6 @@ from .history import (
     GPU_MEMORY_USED,
     GPU_UTILIZATION,
     KV_CACHE_USAGE,
-    METRIC_NAMES,
     PROMPT_TOKEN_RATE,
     QUEUE_LENGTH,
     REQUEST_RATE,

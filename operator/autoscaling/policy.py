@@ -15,7 +15,7 @@ Per tick:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from .forecast import Forecast
 from .history import KV_CACHE_USAGE, QUEUE_LENGTH, REQUEST_RATE, TTFT_P95, MetricHistory

@@ -21,13 +21,12 @@ from __future__ import annotations
 import bisect
 import csv
 import math
-import random
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -93,7 +92,9 @@ def _parse_time(text: str) -> float:
     if "." in text:  # the Azure trace has 7 fractional digits; datetime takes 6
         head, fraction = text.split(".", 1)
         text = f"{head}.{fraction[:6]}"
-    return datetime.fromisoformat(text).timestamp()
+    # Naive trace times read as UTC: local time would add daylight-saving jumps to the series.
+    parsed = datetime.fromisoformat(text)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def read_azure_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
