@@ -13,6 +13,7 @@ QUEUE_LENGTH = "queue_length"  # waiting requests, summed
 RUNNING_REQUESTS = "running_requests"  # running requests, summed
 KV_CACHE_USAGE = "kv_cache_usage"  # 0..1, the busiest replica
 TTFT_P95 = "ttft_p95"  # seconds
+ITL_P95 = "itl_p95"  # seconds between output tokens
 GPU_UTILIZATION = "gpu_utilization"  # 0..1, from the node agents
 GPU_MEMORY_USED = "gpu_memory_used"  # 0..1 of the GPU memory, from the node agents
 METRIC_NAMES = (
@@ -23,6 +24,7 @@ METRIC_NAMES = (
     RUNNING_REQUESTS,
     KV_CACHE_USAGE,
     TTFT_P95,
+    ITL_P95,
     GPU_UTILIZATION,
     GPU_MEMORY_USED,
 )

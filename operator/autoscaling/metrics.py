@@ -30,6 +30,7 @@ from .history import (
     QUEUE_LENGTH,
     REQUEST_RATE,
     RUNNING_REQUESTS,
+    ITL_P95,
     TTFT_P95,
     MetricHistory,
 )
@@ -66,6 +67,11 @@ def promql_queries(selector: str, rate_window_seconds: float) -> dict[str, str]:
         TTFT_P95: (
             "histogram_quantile(0.95, sum by (le) "
             f"(rate({_matchers('time_to_first_token_seconds_bucket', selector)}[{window}])))"
+        ),
+        # SGLang renamed time_per_output_token to inter_token_latency; accept both.
+        ITL_P95: (
+            "histogram_quantile(0.95, sum by (le) "
+            f"(rate({_matchers('(inter_token_latency|time_per_output_token)_seconds_bucket', selector)}[{window}])))"
         ),
         GPU_UTILIZATION: f"avg(DCGM_FI_DEV_GPU_UTIL{{{raw_selector}}}) / 100",
         GPU_MEMORY_USED: (
@@ -161,6 +167,7 @@ class ScrapeSample:
     running: float
     token_usage: float
     ttft_buckets: tuple[tuple[float, float], ...]
+    itl_buckets: tuple[tuple[float, float], ...] = ()
 
 
 def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
@@ -175,6 +182,7 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
     gauges = {"num_queue_reqs": 0.0, "num_running_reqs": 0.0}
     usage = 0.0
     buckets: dict[float, float] = {}
+    itl_buckets: dict[float, float] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -191,9 +199,12 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
                 elif short == "time_to_first_token_seconds_bucket":
                     bound = float(sample.labels.get("le", "inf"))
                     buckets[bound] = buckets.get(bound, 0.0) + sample.value
+                elif short in ("inter_token_latency_seconds_bucket", "time_per_output_token_seconds_bucket"):
+                    bound = float(sample.labels.get("le", "inf"))
+                    itl_buckets[bound] = itl_buckets.get(bound, 0.0) + sample.value
     return ScrapeSample(now, counters["num_requests_total"], counters["prompt_tokens_total"],
                         counters["generation_tokens_total"], gauges["num_queue_reqs"], gauges["num_running_reqs"],
-                        usage, tuple(sorted(buckets.items())))
+                        usage, tuple(sorted(buckets.items())), tuple(sorted(itl_buckets.items())))
 
 
 def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:
@@ -213,11 +224,13 @@ def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:
         RUNNING_REQUESTS: current.running,
         KV_CACHE_USAGE: current.token_usage,
     }
-    before = dict(previous.ttft_buckets)
-    delta = [(bound, max(0.0, count - before.get(bound, 0.0))) for bound, count in current.ttft_buckets]
-    p95 = histogram_quantile(0.95, delta)
-    if p95 is not None:
-        values[TTFT_P95] = p95
+    for name, before_buckets, now_buckets in ((TTFT_P95, previous.ttft_buckets, current.ttft_buckets),
+                                               (ITL_P95, previous.itl_buckets, current.itl_buckets)):
+        before = dict(before_buckets)
+        delta = [(bound, max(0.0, count - before.get(bound, 0.0))) for bound, count in now_buckets]
+        p95 = histogram_quantile(0.95, delta)
+        if p95 is not None:
+            values[name] = p95
     return values
 
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, replace
 
 from .forecast import Forecast
-from .history import KV_CACHE_USAGE, QUEUE_LENGTH, REQUEST_RATE, TTFT_P95, MetricHistory
+from .history import ITL_P95, KV_CACHE_USAGE, QUEUE_LENGTH, REQUEST_RATE, TTFT_P95, MetricHistory
 from .spec import AutoscalingSpec
 
 SCALE_UP = "ScaleUp"
@@ -261,6 +261,10 @@ class ForecastPolicy:
         ttft = history.latest(TTFT_P95)
         if ttft is not None and ttft > spec.reactive_ttft_seconds:
             return f"TTFT p95 {ttft:.2f}s above {spec.reactive_ttft_seconds:g}s"
+        itl = history.latest(ITL_P95)
+        if spec.slo_itl_p95_seconds and itl is not None and itl > spec.slo_itl_p95_seconds:
+            # Inter-token latency grows with the running batch: more replicas, smaller batches.
+            return f"ITL p95 {itl * 1000:.0f}ms above {spec.slo_itl_p95_seconds * 1000:g}ms"
         return None
 
     def _hold(self, context: PolicyContext, state: ForecastPolicyState, condition: str, reason: str):

@@ -18,6 +18,7 @@ import pytest
 from dwtest_support import free_port
 from digital_worker.operator.autoscaling.controller import Autoscaler, OperatorMetrics
 from digital_worker.operator.autoscaling.history import (
+    ITL_P95,
     KV_CACHE_USAGE,
     QUEUE_LENGTH,
     REQUEST_RATE,
@@ -134,7 +135,7 @@ async def test_prometheus_source_reads_sglang_metrics(prometheus):
     assert history.staleness(time.time()) < 10
     peak = history.maximum(REQUEST_RATE, time.time() - 60)
     assert 10.0 < peak < 30.0, history.values(REQUEST_RATE)  # 20 req/s offered (less on a busy machine)
-    for name in (QUEUE_LENGTH, RUNNING_REQUESTS, KV_CACHE_USAGE, TTFT_P95):
+    for name in (QUEUE_LENGTH, RUNNING_REQUESTS, KV_CACHE_USAGE, TTFT_P95, ITL_P95):
         assert history.latest(name) is not None, name
     assert 0 < history.latest(TTFT_P95) < 2.0
     assert counts.get(200, 0) > 50

@@ -12,6 +12,7 @@ from digital_worker.operator.autoscaling.history import (
     PROMPT_TOKEN_RATE,
     QUEUE_LENGTH,
     REQUEST_RATE,
+    ITL_P95,
     RUNNING_REQUESTS,
     TTFT_P95,
     MetricHistory,
@@ -37,6 +38,9 @@ def exposition(requests: float, prompt_tokens: float, queue: float, running: flo
                           buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
     for value in ttfts:
         histogram.observe(value)
+    itl = Histogram("sglang:inter_token_latency_seconds", "itl", registry=registry, buckets=(0.01, 0.05, 0.1))
+    for _ in ttfts:
+        itl.observe(0.03)
     render = generate_openmetrics if openmetrics else generate_latest
     return render(registry).decode()
 
@@ -72,6 +76,7 @@ def test_rates_between_scrapes_and_counter_resets():
     assert history.latest(PROMPT_TOKEN_RATE) == pytest.approx(300.0)
     assert history.latest(QUEUE_LENGTH) == 2 and history.latest(RUNNING_REQUESTS) == 6
     assert 1.0 < history.latest(TTFT_P95) <= 2.5  # only the new observations count: all 2.0 s
+    assert 0.01 < history.latest(ITL_P95) <= 0.05
     # A replica restarted: its counter starts again from zero, counted like Prometheus does.
     source.record_scrape("a/b", parse_sglang_exposition([exposition(30, 100, 0, 1, 0.1, [])], now=120.0))
     assert source.history("a/b", 60, 10, now=120.0).latest(REQUEST_RATE) == pytest.approx(3.0)

@@ -7,6 +7,7 @@ import pytest
 
 from digital_worker.operator.autoscaling.forecast import Forecast
 from digital_worker.operator.autoscaling.history import (
+    ITL_P95,
     KV_CACHE_USAGE,
     QUEUE_LENGTH,
     REQUEST_RATE,
@@ -118,6 +119,13 @@ def test_spike_scales_up_at_once_whatever_the_forecast_says():
     slow = PolicyContext(1000.0, spec(), 2, 2, history(1000.0, 4.0, ttft=3.5), calm_forecast, None)
     decision, _ = policy.decide(slow)
     assert decision.action == SCALE_UP and "TTFT p95 3.50s above 2s" in decision.reason
+    choppy = history(1000.0, 4.0)
+    choppy = MetricHistory(choppy.timestamps, {**choppy.series, ITL_P95: (0.09,) * len(choppy.timestamps)}, TICK)
+    with_itl = spec(slo={"ttftP95Seconds": 2.0, "itlP95Seconds": 0.05})
+    decision, _ = policy.decide(PolicyContext(1000.0, with_itl, 2, 2, choppy, calm_forecast, None))
+    assert decision.action == SCALE_UP and "ITL p95 90ms above 50ms" in decision.reason
+    decision, _ = policy.decide(PolicyContext(1000.0, spec(), 2, 2, choppy, calm_forecast, None))
+    assert decision.action == HOLD  # no ITL target, no ITL breach
 
 
 def test_forecast_provisions_ahead_of_a_diurnal_rise():
