@@ -30,12 +30,26 @@ TRACES = (
 )
 COLD_STARTS = (180.0, 600.0)
 REACTIVE_PREFIXES = ("reactive", "keda", "aibrix")
+FRONTIER = ("forecast-q80", "forecast-q95", "forecast-q99")
 
 
 def best_reactive(rows: list[dict], attainment: float) -> dict | None:
     """The cheapest reactive-family setting whose attainment is at least `attainment`."""
     candidates = [r for r in rows if r["policy"].startswith(REACTIVE_PREFIXES) and r["slo_attainment"] >= attainment]
     return min(candidates, key=lambda r: r["gpu_hours"]) if candidates else None
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """Each of our settings against the cheapest reactive-family setting at least as good."""
+    out = []
+    for row in rows:
+        if not row["policy"].startswith("forecast"):
+            continue
+        rival = best_reactive(rows, row["slo_attainment"])
+        out.append({"policy": row["policy"], "attainment": row["slo_attainment"],
+                    "vs_oracle": row["gpu_hours_vs_oracle"], "rival": rival["policy"] if rival else None,
+                    "vs_rival": round(row["gpu_hours"] / rival["gpu_hours"], 4) if rival else None})
+    return out
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -56,7 +70,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             workload = simulator.load_workload(path, peak_replicas=args.peak_replicas, config=config,
                                                sizes_trace=sizes_trace, replay_days=days, seed=args.seed)
             started = time.perf_counter()
-            results = simulator.compare(workload, "all", config)
+            names = list(simulator.POLICY_NAMES) + (list(FRONTIER) if args.frontier else [])
+            results = simulator.compare(workload, names, config)
             oracle = next(r for r in results if r.policy == "oracle")
             rows = []
             for result in results:
@@ -76,6 +91,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "best_reactive_at_same_attainment": rival["policy"] if rival else None,
                 "ours_vs_best_reactive": round(ours["gpu_hours"] / rival["gpu_hours"], 4) if rival else None,
             }
+            if args.frontier:
+                scenario["frontier"] = frontier(rows)
             scenarios.append(scenario)
             print(f"  {label} cold start {cold_start:g}s: {scenario['wall_seconds']}s", file=sys.stderr)
     return scenarios
@@ -93,6 +110,15 @@ def print_table(scenarios: list[dict]) -> None:
             row = next(r for r in scenario["results"] if r["policy"] == policy)
             cells.append(f"{row['gpu_hours_vs_oracle']:.2f}x/{row['slo_attainment'] * 100:.2f}%")
         print(f"{policy:<19}" + "".join(f"{c:>{width}}" for c in cells))
+    if "frontier" in scenarios[0]:
+        print("\nour settings against the cheapest reactive-family setting with at least the same attainment")
+        for scenario in scenarios:
+            cells = []
+            for point in scenario["frontier"]:
+                versus = f"{point['vs_rival']:.2f}x {point['rival']}" if point["rival"] else "dominates"
+                cells.append(f"{point['policy'][len('forecast'):] or '-q90'}: {point['vs_oracle']:.2f}x/"
+                             f"{point['attainment'] * 100:.2f}% ({versus})")
+            print(f"  {scenario['trace']:<13} {int(scenario['cold_start_seconds']):>4}s  " + "  ".join(cells))
     print()
     print("targets: ours >= 99% attainment, <= 1.10x oracle, <= 0.85x best reactive at the same attainment")
     for scenario in scenarios:
@@ -125,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", help="data folder (default ../shared/data)")
     parser.add_argument("--json", metavar="FILE", help="write every result as JSON")
+    parser.add_argument("--frontier", action="store_true",
+                        help="also run ours at forecast quantiles 0.8, 0.95 and 0.99 and compare cost/SLO frontiers")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     scenarios = run(args)

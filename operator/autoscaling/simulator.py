@@ -307,10 +307,12 @@ class PolicyRunner:
 
     policy: object
     forecaster: str | None = None  # "ets", "arima", "oracle"
+    quantile: float | None = None  # our forecast quantile, when not the configuration's
+    label: str | None = None
 
     @property
     def name(self) -> str:
-        return self.policy.name
+        return self.label or self.policy.name
 
 
 def build_policies(names: Sequence[str] | str, fleet: FleetModel, cold_start: float, tick: float) -> list[PolicyRunner]:
@@ -333,10 +335,19 @@ def build_policies(names: Sequence[str] | str, fleet: FleetModel, cold_start: fl
         names = [names]
     if list(names) == ["all"]:
         names = list(catalogue)
-    unknown = [n for n in names if n not in catalogue]
-    if unknown:
-        raise ValueError(f"unknown policy {unknown[0]!r}; choose from all, {', '.join(catalogue)}")
-    return [catalogue[n]() for n in names]
+    runners = []
+    for name in names:
+        if name in catalogue:
+            runners.append(catalogue[name]())
+        elif name.startswith("forecast-q") and name[len("forecast-q"):].isdigit():
+            # Ours at another forecast quantile, e.g. forecast-q95: to trace its cost/SLO frontier.
+            quantile = int(name[len("forecast-q"):]) / 100.0
+            if not 0.5 <= quantile < 1.0:
+                raise ValueError(f"{name}: the quantile must be between 50 and 99")
+            runners.append(PolicyRunner(ForecastPolicy(), "ets", quantile=quantile, label=name))
+        else:
+            raise ValueError(f"unknown policy {name!r}; choose from all, {', '.join(catalogue)}, forecast-qNN")
+    return runners
 
 
 POLICY_NAMES = (
@@ -425,13 +436,14 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
     wall_started = time.perf_counter()
     fleet_model = FleetModel(config.params, workload.sizes, config.slo_ttft_seconds)
     capacity = fleet_model.slo_capacity
+    quantile = runner.quantile or config.forecast_quantile
     spec = AutoscalingSpec(
         mode="Auto",
         min_replicas=config.min_replicas,
         max_replicas=config.max_replicas,
         slo_ttft_p95_seconds=config.slo_ttft_seconds,
         target_requests_per_replica=capacity,
-        forecast=ForecastSpec(quantile=config.forecast_quantile, seasonality=config.seasonality,
+        forecast=ForecastSpec(quantile=quantile, seasonality=config.seasonality,
                               refit_interval_seconds=config.refit_interval_seconds),
         scale_down=ScaleDownSpec(config.stabilization_seconds, config.max_step_replicas),
         cold_start_seconds=config.cold_start_seconds,
@@ -463,9 +475,9 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
         nonlocal forecaster, fit_seconds, last_fit_time
         horizon = max(1, math.ceil((lead + workload.bucket_seconds * 1.5) / workload.bucket_seconds))
         if runner.forecaster == "ets":
-            model = fit_forecaster(buckets, workload.bucket_seconds, config.forecast_quantile, horizon, config.seasonality)
+            model = fit_forecaster(buckets, workload.bucket_seconds, quantile, horizon, config.seasonality)
         else:
-            model = fit_arima(buckets[-ARIMA_WINDOW:], workload.bucket_seconds, config.forecast_quantile, horizon)
+            model = fit_arima(buckets[-ARIMA_WINDOW:], workload.bucket_seconds, quantile, horizon)
         fit_seconds += model.fit_seconds
         forecaster = IncrementalForecaster(model, buckets[-model.observations:] if model.observations else buckets)
         last_fit_time = now

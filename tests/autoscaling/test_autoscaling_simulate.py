@@ -136,3 +136,14 @@ def test_the_project_cli_runs_simulate(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         project_cli.main(["simulate", "--help"])
     assert exit_info.value.code == 0 and "--policy" in capsys.readouterr().out
+
+
+def test_our_policy_at_other_quantiles_for_the_frontier(taxi_day):
+    workload, config = taxi_day
+    fleet = simulator.FleetModel(config.params, workload.sizes, config.slo_ttft_seconds)
+    runners = simulator.build_policies(["forecast-q80", "forecast-q99"], fleet, 180.0, 30.0)
+    assert [(r.name, r.quantile) for r in runners] == [("forecast-q80", 0.8), ("forecast-q99", 0.99)]
+    with pytest.raises(ValueError, match="unknown policy 'forecast-qx'"):
+        simulator.build_policies(["forecast-qx"], fleet, 180.0, 30.0)
+    with pytest.raises(ValueError, match="between 50 and 99"):
+        simulator.build_policies(["forecast-q100"], fleet, 180.0, 30.0)
