@@ -48,6 +48,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def watch(url: str, on_event, stop: threading.Event) -> None:
     """Follow a watch stream (raw HTTP, one JSON event per line) until `stop`."""
     while not stop.is_set():
@@ -115,6 +120,12 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=open(workdir / "operator.log", "w"),
                                 env=operator_env, cwd="/")
     time.sleep(3)  # let the operator start watching before the burst
+    profiler = None
+    if os.environ.get("DW_BENCH_PYSPY"):  # optional: where does the operator's time go?
+        target = cluster.pid if os.environ.get("DW_BENCH_PYSPY_TARGET") == "api" else operator.pid
+        profiler = subprocess.Popen(["py-spy", "record", "--format", "raw", "--threads", "--nonblocking",
+                                     "-o", os.environ["DW_BENCH_PYSPY"], "--pid", str(target)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def create(index: int) -> None:
         body = copy.deepcopy(example)
@@ -132,7 +143,11 @@ def main() -> int:
         time.sleep(0.2)
     all_reconciled = (max(reconciled.values()) - started) if len(reconciled) == args.count else float("nan")
     rss = peak_rss_mb(operator.pid)
+    operator_cpu, cluster_cpu = cpu_seconds(operator.pid), cpu_seconds(cluster.pid)
     stop.set()
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(30)
     operator.send_signal(signal.SIGTERM)
     try:
         operator.wait(30)
@@ -156,13 +171,17 @@ def main() -> int:
         "reconciled": len(reconciled),
         "with_deployment": len(latencies),
         "create_burst_seconds": round(create_seconds, 2),
+        "operator_cpu_seconds": round(operator_cpu, 1),
+        "emulated_api_cpu_seconds": round(cluster_cpu, 1),
         "request_counts": counts,
     }
     rows = [("count", result["count"]), ("create → first Deployment p50 (s)", result["p50_seconds"]),
             ("create → first Deployment p99 (s)", result["p99_seconds"]),
             ("all reconciled (s)", result["all_reconciled_seconds"]), ("operator peak RSS (MB)", result["operator_rss_mb"]),
             ("API requests per reconcile", result["api_requests_per_reconcile"]),
-            ("creation burst (s)", result["create_burst_seconds"])]
+            ("creation burst (s)", result["create_burst_seconds"]),
+            ("operator CPU (s)", result["operator_cpu_seconds"]),
+            ("emulated API CPU (s)", result["emulated_api_cpu_seconds"])]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

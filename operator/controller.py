@@ -13,7 +13,8 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from digital_worker.operator import reconcile as reconcile_module
 from digital_worker.operator import schema as api
@@ -59,6 +60,12 @@ def plain(value: Any) -> Any:
     return value
 
 
+def raw_body(body: Any) -> Any:
+    """The raw dict under a kopf Body, without copying (for read-only use, e.g. child indices)."""
+    source = getattr(body, "_src", None)
+    return source if isinstance(source, dict) else plain(body)
+
+
 class Reconciler:
     def __init__(self, client: KubeClient, threads: int = 16) -> None:
         self.client = client
@@ -70,6 +77,9 @@ class Reconciler:
         self.passes = 0
         self.errors = 0
         self.durations: list[float] = []
+        # kopf indices of the children by (namespace, owner name), set by the handlers; None: list from the API.
+        self.children: dict[str, Any] | None = None
+        self.workers: Any = None  # the kopf index of DigitalWorkers, for the resync loop
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> "Reconciler":
@@ -85,10 +95,20 @@ class Reconciler:
         try:
             await self.run(body)
         except RetryLater as exc:
-            logger.info("reconcile of %s/%s will be retried: %s", body["metadata"].get("namespace"),
-                        body["metadata"].get("name"), exc)
+            logger.info("reconcile of %s/%s will be retried in %.0fs: %s", body["metadata"].get("namespace"),
+                        body["metadata"].get("name"), exc.delay, exc)
+            asyncio.get_running_loop().call_later(exc.delay, self.schedule, body)
         except Exception:
             logger.exception("reconcile failed")
+
+    async def resync_forever(self, interval: float) -> None:
+        """Re-check every worker each `interval` (drift repair, status refresh), spread over the interval."""
+        while True:
+            await asyncio.sleep(interval)
+            bodies = [body for store in list((self.workers or {}).values()) for body in store]
+            for body in bodies:
+                self.schedule(body)
+                await asyncio.sleep(min(interval / max(len(bodies), 1), 0.05))
 
     async def run(self, body: dict[str, Any]) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -123,7 +143,7 @@ class Reconciler:
                 del self.durations[:5000]
 
     def reconcile_sync(self, body: dict[str, Any]) -> reconcile_module.Result:
-        result = reconcile_module.reconcile(body, self.client)
+        result = reconcile_module.reconcile(body, self.client, self.observed(body))
         meta = body["metadata"]
         old_status = body.get("status") or {}
         if reconcile_module.status_changed(old_status, result.status):
@@ -137,6 +157,12 @@ class Reconciler:
         for event in result.events:
             self.post_event(body, event)
         return result
+
+    def observed(self, body: dict[str, Any]) -> reconcile_module.Observed | None:
+        if self.children is None:
+            return None
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        return reconcile_module.Observed({plural: list(index.get(key, [])) for plural, index in self.children.items()})
 
     def post_event(self, body: dict[str, Any], event: reconcile_module.Event) -> None:
         meta = body["metadata"]

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import json
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import aiohttp.web
 import attrs
 import kmock
 import yaml
@@ -93,8 +95,36 @@ def _selector_matches(selector: str | None, labels: dict[str, str]) -> bool:
     return True
 
 
+class _DirectDispatch(kmock.RawHandler):
+    """Serve plain Kubernetes verbs without kmock's reaction matching, unless a test added reactions.
+
+    kmock matches every request against every reaction by re-filtering the requests in flight; at a
+    thousand objects that matching was most of the emulated API's CPU. Object verbs go straight to
+    the emulator's own `_serve_*` methods; watches, discovery and any test-injected reaction (e.g.
+    `emulator[lambda r: ...] << 500`) still go through kmock's DSL. It sits in the MRO between
+    kmock's KubernetesEmulator (which stores the state first) and RawHandler (the DSL).
+    """
+
+    __slots__ = ()
+
+    async def _handle(self, request: rendering.Request):  # type: ignore[override]
+        direct = {
+            enums.action.LIST: self._serve_list, enums.action.FETCH: self._serve_fetch,
+            enums.action.CREATE: self._serve_create, enums.action.UPDATE: self._serve_update,
+            enums.action.DELETE: self._serve_delete,
+        }.get(request.action)
+        if direct is None or request.resource is None or not request.resource.plural \
+                or len(self._payloads) > self._builtin_payloads:  # discovery, or a test's own reactions
+            return await super()._handle(request)
+        try:
+            payload = await direct(request)
+        except Exception as exc:
+            return await self._render_error(exc)
+        return aiohttp.web.Response(body=json.dumps(payload).encode(), content_type="application/json")
+
+
 @attrs.define(kw_only=True)
-class ClusterEmulator(kmock.KubernetesEmulator):
+class ClusterEmulator(kmock.KubernetesEmulator, _DirectDispatch):
     """kmock's emulator plus the API-server behaviour the operator depends on."""
 
     _counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -105,9 +135,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     keep_request_log: bool = False
     _inflight: set[int] = attrs.field(factory=set, init=False)
     _live_uids: set[str] = attrs.field(factory=set, init=False)
+    # resource → {(namespace, name): Object}: kmock scans every object on each get/list (O(N) per call).
+    _by_resource: dict[Any, dict[tuple[str | None, str], Any]] = attrs.field(factory=dict, init=False)
+
+    _builtin_payloads: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._builtin_payloads = len(self._payloads)
         for key, (kind, namespaced, subresources, shortnames) in BUILTIN_RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS,
                                                      subresources=subresources, shortnames=shortnames)
@@ -134,11 +169,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return None
 
     def _has_status_subresource(self, request: rendering.Request) -> bool:
-        for resource in self._get_resources():
-            if resource == request.resource:
-                info = self.resources[resource] if resource in self.resources else None
-                return bool(info and "status" in info.subresources)
-        return False
+        info = self.resources[request.resource] if request.resource in self.resources else None
+        return bool(info and "status" in info.subresources)
 
     def _prepare(self, request: rendering.Request) -> rendering.Request:
         if request.resource is None:
@@ -238,8 +270,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 resource = request.resource
                 asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self._delete_path(
                     _object_path(resource, meta.get("namespace"), meta.get("name")))))
+        if request.action == enums.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.get("metadata", {})
+            self._index(request.resource, meta.get("namespace"), meta.get("name"))
         if request.resource is not None and request.name is not None:
             key = (request.resource, request.namespace, request.name)
+            self._index(request.resource, request.namespace, request.name)
             if key in self.objects:
                 obj = self.objects[key]
                 if obj.deleted:
@@ -250,6 +286,25 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 elif len(obj.history) > 1:
                     obj.history = [obj.last.raw]
         return response
+
+    def _index(self, resource: Any, namespace: str | None, name: str | None) -> None:
+        """Bring the index entry for one object in line with the store."""
+        objects = self.objects._objects  # the ObjectsArray's own dict: O(1) by key
+        bucket = self._by_resource.setdefault(resource, {})
+        obj = objects.get((resource, namespace, name))
+        if obj is None or obj.deleted:
+            bucket.pop((namespace, name), None)
+        else:
+            bucket[(namespace, name)] = obj
+
+    def _lookup(self, request: rendering.Request, *, namespace: str | None = None, name: str | None = None) -> Any:
+        key = (request.resource, namespace if namespace is not None else request.namespace,
+               name if name is not None else request.name)
+        obj = self.objects._objects.get(key)
+        return None if obj is None else obj
+
+    def _known(self, resource: Any) -> bool:
+        return resource in self.resources or resource in self._by_resource
 
     async def _collect_garbage(self, owner_uid: str) -> None:
         """Background cascading deletion: dependents of a deleted owner go too (kube-controller-manager's GC)."""
@@ -269,11 +324,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # --- serving: list with selectors and kinds, scale subresource ------------------------------
 
     async def _serve_list(self, request: rendering.Request):  # type: ignore[override]
-        result = await super()._serve_list(request)
+        if not self._known(request.resource):
+            raise kmock.KubernetesResourceNotFoundError()
         selector = request.params.get("labelSelector")
         field_selector = request.params.get("fieldSelector")
-        items = [item for item in result["items"]
-                 if _selector_matches(selector, item.get("metadata", {}).get("labels") or {})]
+        namespace = request.namespace
+        items = [obj.raw for (ns, _), obj in self._by_resource.get(request.resource, {}).items()
+                 if (namespace is None or ns == namespace) and not obj.deleted]
+        items = [item for item in items if _selector_matches(selector, item.get("metadata", {}).get("labels") or {})]
         if field_selector:
             items = [item for item in items if _field_selector_matches(field_selector, item)]
         info = self.resources[request.resource] if request.resource in self.resources else None
@@ -295,13 +353,24 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return result
 
     async def _serve_fetch(self, request: rendering.Request):  # type: ignore[override]
-        obj = await super()._serve_fetch(request)
+        found = self._lookup(request)
+        if found is None or found.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        obj = found.raw
         if request.subresource == "scale":
             return _scale_object(request.resource.plural, obj)
         return obj
 
+    async def _serve_create(self, request: rendering.Request):  # type: ignore[override]
+        meta = (request.data or {}).get("metadata", {})
+        found = self._lookup(request, namespace=request.namespace or meta.get("namespace"), name=meta.get("name"))
+        return found.raw
+
+    async def _serve_delete(self, request: rendering.Request):  # type: ignore[override]
+        return self._lookup(request).last.raw
+
     async def _serve_update(self, request: rendering.Request):  # type: ignore[override]
-        obj = await super()._serve_update(request)
+        obj = self._lookup(request).last.raw
         if request.subresource == "scale":
             return _scale_object(request.resource.plural, obj)
         return obj
@@ -419,8 +488,8 @@ class PodSimulator:
         self._endpoints: dict[str, str | None] = {}
 
     def _objects(self, plural: str) -> list[dict[str, Any]]:
-        return [obj.raw for (resource, _, _), obj in list(self.emulator.objects.items())
-                if resource.plural == plural and not obj.deleted]
+        return [obj.raw for resource, bucket in list(self.emulator._by_resource.items()) if resource.plural == plural
+                for obj in list(bucket.values()) if not obj.deleted]
 
     async def _request(self, method: str, path: str, body: Any = None, content_type: str = "application/merge-patch+json") -> None:
         headers = {"Content-Type": content_type} if body is not None else {}

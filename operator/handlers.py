@@ -1,14 +1,16 @@
 """kopf handlers: thin. They take the kwargs they need and hand over to `controller.Reconciler`.
 
-Every path into a reconcile (create, update, resume, the resync timer, and events on the children)
+Every path into a reconcile (create, update, resume, the resync loop, and events on the children)
 ends in the same level-triggered pass, serialized per DigitalWorker.
 """
 from __future__ import annotations
 
+import asyncio
+
 import kopf
 
 from digital_worker.operator import schema as api
-from digital_worker.operator.controller import Reconciler, RetryLater, plain, settings_from_env
+from digital_worker.operator.controller import Reconciler, RetryLater, plain, raw_body, settings_from_env
 
 DW = (api.GROUP, api.VERSION, api.PLURAL)
 CHILD_LABELS = {api.LABEL_NAME: api.APP_NAME}
@@ -27,6 +29,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     settings.batching.worker_limit = SETTINGS.worker_limit
     settings.execution.max_workers = SETTINGS.threads
     memo.reconciler = Reconciler.from_settings(SETTINGS)
+    # One resync loop for all workers, instead of a kopf timer each: timers put a finalizer on every
+    # object (two more API calls per worker and a blocked delete when the operator is down).
+    memo.resync = asyncio.create_task(memo.reconciler.resync_forever(SETTINGS.resync_seconds))
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_) -> None:
+    memo.resync.cancel()
 
 
 @kopf.index(*DW)
@@ -34,19 +44,47 @@ def digitalworkers(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): plain(body)}
 
 
+# The children, kept in memory from the watch streams: a reconcile reads them here instead of
+# listing them from the API (four lists per pass were most of the API traffic at scale).
+def _child_index(namespace: str, labels: kopf.Labels, body: kopf.Body) -> dict:
+    owner = labels.get(api.LABEL_INSTANCE)
+    return {(namespace, owner): raw_body(body)} if owner else {}
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
+def child_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return _child_index(namespace, labels, body)
+
+
+@kopf.index("v1", "services", labels=CHILD_LABELS)
+def child_services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return _child_index(namespace, labels, body)
+
+
+@kopf.index("v1", "configmaps", labels=CHILD_LABELS)
+def child_configmaps(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return _child_index(namespace, labels, body)
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS)
+def child_pdbs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return _child_index(namespace, labels, body)
+
+
+def _remember_indices(memo: kopf.Memo, kwargs: dict) -> None:
+    if memo.reconciler.children is None:
+        memo.reconciler.workers = kwargs["digitalworkers"]
+        memo.reconciler.children = {
+            "deployments": kwargs["child_deployments"], "services": kwargs["child_services"],
+            "configmaps": kwargs["child_configmaps"], "poddisruptionbudgets": kwargs["child_pdbs"],
+        }
+
+
 @kopf.on.resume(*DW)
 @kopf.on.create(*DW)
 @kopf.on.update(*DW)
-async def reconcile_worker(body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    try:
-        await memo.reconciler.run(plain(body))
-    except RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
-
-
-@kopf.timer(*DW, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds, sharp=False)
-async def resync_worker(body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    """Periodic drift check: a child someone edited or deleted comes back."""
+async def reconcile_worker(body: kopf.Body, memo: kopf.Memo, **kwargs) -> None:
+    _remember_indices(memo, kwargs)
     try:
         await memo.reconciler.run(plain(body))
     except RetryLater as exc:
@@ -58,10 +96,13 @@ async def resync_worker(body: kopf.Body, memo: kopf.Memo, **_) -> None:
 @kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS)
 async def child_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, memo: kopf.Memo,
-                        digitalworkers: kopf.Index, **_) -> None:
+                        digitalworkers: kopf.Index, **kwargs) -> None:
     """A child's status or existence changed: re-reconcile its DigitalWorker now, not at the next resync."""
     owner = labels.get(api.LABEL_INSTANCE)
-    if not owner or event.get("type") is None:  # the initial listing: resume handlers cover it
+    # The initial listing is covered by the resume handlers, and ADDED is (nearly always) our own
+    # creation: only changes and deletions can need a new pass.
+    if not owner or event.get("type") in (None, "ADDED"):
         return
+    _remember_indices(memo, kwargs)
     for body in digitalworkers.get((namespace, owner), []):
         memo.reconciler.schedule(body)

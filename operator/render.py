@@ -10,8 +10,6 @@ import hashlib
 import json
 from typing import Any
 
-import yaml
-
 from digital_worker.operator import schema as api
 from digital_worker.runtime.contract import API_KEY_ENV, CONFIG_PATH, MODEL_CACHE_DIR, LaunchConfig
 
@@ -28,11 +26,22 @@ def _environment():
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
+        auto_reload=False,  # templates ship in the package: no stat() per render
     )
 
 
 def _render(template: str, **values: Any) -> dict[str, Any]:
-    return yaml.safe_load(_environment().get_template(template).render(**values))
+    # Reconciles render the same objects pass after pass: render and parse each distinct input once.
+    key = json.dumps([template, values], sort_keys=True, separators=(",", ":"))
+    return json.loads(_render_cached(key))
+
+
+@functools.lru_cache(maxsize=8192)
+def _render_cached(key: str) -> str:
+    template, values = json.loads(key)
+    text = _environment().get_template(template).render(**values)
+    json.loads(text)  # a template that renders invalid JSON fails here, loudly, not in the API server
+    return text
 
 
 def revision_hash(spec: dict[str, Any]) -> str:
@@ -102,7 +111,7 @@ def _owned(obj: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
 def render_configmap(body: dict[str, Any], spec: dict[str, Any], revision: str) -> dict[str, Any]:
     name = body["metadata"]["name"]
     return _owned(_render(
-        "configmap.yaml.j2", name=revision_name(name, revision), namespace=body["metadata"]["namespace"],
+        "configmap.json.j2", name=revision_name(name, revision), namespace=body["metadata"]["namespace"],
         labels={**instance_labels(name), api.LABEL_REVISION: revision},
         launch_config_json=launch_config(spec).to_json(),
     ), body)
@@ -155,7 +164,7 @@ def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str,
         list(runtime.get("tolerations", []))
     port = runtime.get("port", 30000)
     deployment = _render(
-        "deployment.yaml.j2",
+        "deployment.json.j2",
         name=revision_name(name, revision), namespace=namespace, labels=labels,
         annotations={f"{api.GROUP}/model": model["name"]},
         replicas=replicas, selector=selector, pod_labels=labels,
@@ -176,7 +185,7 @@ def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str,
 def render_service(body: dict[str, Any], selector: dict[str, str] | None = None) -> dict[str, Any]:
     name = body["metadata"]["name"]
     return _owned(_render(
-        "service.yaml.j2", name=name, namespace=body["metadata"]["namespace"], labels=instance_labels(name),
+        "service.json.j2", name=name, namespace=body["metadata"]["namespace"], labels=instance_labels(name),
         selector=selector or {api.LABEL_INSTANCE: name, api.LABEL_NAME: api.APP_NAME},
     ), body)
 
@@ -184,7 +193,7 @@ def render_service(body: dict[str, Any], selector: dict[str, str] | None = None)
 def render_pdb(body: dict[str, Any]) -> dict[str, Any]:
     name = body["metadata"]["name"]
     return _owned(_render(
-        "pdb.yaml.j2", name=name, namespace=body["metadata"]["namespace"], labels=instance_labels(name),
+        "pdb.json.j2", name=name, namespace=body["metadata"]["namespace"], labels=instance_labels(name),
         selector={api.LABEL_INSTANCE: name, api.LABEL_NAME: api.APP_NAME},
     ), body)
 

@@ -19,6 +19,10 @@ def run_foreground(*, namespaces: list[str] | None, liveness: str | None, peerin
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # kopf logs every handler call per object at INFO: thousands of lines a second on a busy
+        # cluster. Problems still show (WARNING and up); --verbose brings the rest back.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     _import_handlers()
     # Standalone unless a peering name is given: kopf waits for its peering CRD whenever a name is set.
     peering_args = {"peering_name": peering, "standalone": False} if peering else {"standalone": True}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from typing import Any
 
@@ -111,9 +112,25 @@ def apply_defaults_and_check(value: Any, schema: dict[str, Any], path: str, prob
 
 def normalize_spec(spec: Any) -> tuple[dict[str, Any], list[str]]:
     """The spec with defaults applied, and every problem found (empty list: valid)."""
-    problems: list[str] = []
     if not isinstance(spec, dict):
         return {}, ["spec: must be an object"]
+    try:
+        key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return _normalize_uncached(spec)
+    defaulted_json, problems = _normalize_cached(key)
+    return json.loads(defaulted_json), list(problems)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_cached(key: str) -> tuple[str, tuple[str, ...]]:
+    # Every reconcile pass checks the spec again; identical specs (most passes) are checked once.
+    defaulted, problems = _normalize_uncached(json.loads(key))
+    return json.dumps(defaulted), tuple(problems)
+
+
+def _normalize_uncached(spec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    problems: list[str] = []
     defaulted = apply_defaults_and_check(spec, api.SPEC_SCHEMA, "spec", problems)
     if not problems:
         problems += semantic_problems(defaulted)
