@@ -680,6 +680,8 @@ class EmulatedCluster:
             self._write_kubeconfig()
             await self._seed(server.client)
             tasks = []
+            if hasattr(self.runtime, "bind"):
+                self.runtime.bind(emulator)  # runtimes that read the cluster (e.g. the pods' ConfigMaps)
             if self.pod_simulator_enabled:
                 self.pod_simulator = PodSimulator(emulator, server.client, runtime=self.runtime,
                                                   startup_seconds=self.pod_startup_seconds)

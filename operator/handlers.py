@@ -6,15 +6,24 @@ ends in the same level-triggered pass, serialized per DigitalWorker.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import kopf
 
 from digital_worker.operator import schema as api
+from digital_worker.operator.periodic import run_periodic
 from digital_worker.operator.controller import Reconciler, RetryLater, plain, raw_body, settings_from_env
 
 DW = (api.GROUP, api.VERSION, api.PLURAL)
 CHILD_LABELS = {api.LABEL_NAME: api.APP_NAME}
-SETTINGS = settings_from_env()
+
+@kopf.on.login()
+def login(**kwargs):
+    # kopf's kubeconfig login reads KUBECONFIG when called; the kubernetes client's own default
+    # is frozen at its import, which goes wrong when one process runs several operators (tests).
+    if os.environ.get("KUBECONFIG"):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.startup()
@@ -26,17 +35,21 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
-    settings.batching.worker_limit = SETTINGS.worker_limit
-    settings.execution.max_workers = SETTINGS.threads
-    memo.reconciler = Reconciler.from_settings(SETTINGS)
+    settings.queueing.worker_limit = settings_from_env().worker_limit
+    settings.execution.max_workers = settings_from_env().threads
+    memo.settings = settings_from_env()  # read at start, not at import: the env may differ per run
+    memo.reconciler = Reconciler.from_settings(memo.settings)
     # One resync loop for all workers, instead of a kopf timer each: timers put a finalizer on every
     # object (two more API calls per worker and a blocked delete when the operator is down).
-    memo.resync = asyncio.create_task(memo.reconciler.resync_forever(SETTINGS.resync_seconds))
+    memo.resync = asyncio.create_task(memo.reconciler.resync_forever(memo.settings.resync_seconds))
+    # Autoscaling ticks and GPU health checks for all workers (operator/periodic.py).
+    memo.periodic = asyncio.create_task(run_periodic(memo.reconciler, memo.settings.prometheus_url))
 
 
 @kopf.on.cleanup()
-async def stop_resync(memo: kopf.Memo, **_) -> None:
+async def stop_loops(memo: kopf.Memo, **_) -> None:
     memo.resync.cancel()
+    memo.periodic.cancel()
 
 
 @kopf.index(*DW)

@@ -129,6 +129,9 @@ def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str,
     runtime = spec.get("runtime", {})
     model = spec["model"]
     labels = {**instance_labels(name), api.LABEL_REVISION: revision}
+    # The worker's name again under our own group: scrape configs turn pod labels into series labels
+    # (`digitalworker_io_instance`), which autoscaling and analysis select on.
+    pod_labels = {**labels, api.LABEL_WORKER: name}
     selector = {api.LABEL_INSTANCE: name, api.LABEL_REVISION: revision}
     hf_token = _secret_env("HF_TOKEN", model.get("hfTokenSecretRef"))
     base_env = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
@@ -167,7 +170,7 @@ def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str,
         "deployment.json.j2",
         name=revision_name(name, revision), namespace=namespace, labels=labels,
         annotations={f"{api.GROUP}/model": model["name"]},
-        replicas=replicas, selector=selector, pod_labels=labels,
+        replicas=replicas, selector=selector, pod_labels=pod_labels,
         pod_annotations={"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                          "prometheus.io/path": "/metrics"},
         runtime={**runtime, "port": port,

@@ -127,6 +127,9 @@ def runtime_podmonitor(namespace: str, interval: str = "15s") -> dict:
         "spec": {
             "selector": {"matchLabels": dict(RUNTIME_POD_SELECTOR)},
             "namespaceSelector": {"any": True},
+            # Series carry the worker and revision (digitalworker_io_instance, digitalworker_io_revision):
+            # the operator's autoscaling and rollout analysis select on them.
+            "podTargetLabels": ["digitalworker.io/instance", "digitalworker.io/revision"],
             "podMetricsEndpoints": [{"port": RUNTIME_METRICS_PORT_NAME, "path": "/metrics", "interval": interval}],
         },
     }

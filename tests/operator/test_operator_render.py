@@ -47,7 +47,7 @@ def test_deployment_has_gpus_probes_security_and_owner():
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels == {"app.kubernetes.io/name": "digital-worker", "app.kubernetes.io/instance": "support-bot",
                       "app.kubernetes.io/managed-by": "digital-worker-operator",
-                      "digitalworker.io/revision": "abc1234567"}
+                      "digitalworker.io/revision": "abc1234567", "digitalworker.io/instance": "support-bot"}
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2

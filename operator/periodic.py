@@ -1,0 +1,188 @@
+"""The operator's periodic work across all DigitalWorkers: autoscaling ticks and GPU health checks.
+
+Glue only: the decisions are made by `autoscaling.controller.Autoscaler` (forecast policy) and
+`gpu_health.decide` (pure); this module reads the inputs, applies the outcomes through the API
+(the scale subresource, pod deletions, node taints) and records them in status and Events.
+Blocking API calls run in the reconciler's thread pool, never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from digital_worker.operator import schema as api
+from digital_worker.operator.kube import KubeClient, NotFound
+from digital_worker.operator.reconcile import Event
+
+logger = logging.getLogger("digital_worker.operator")
+
+SIM_ENDPOINT_ANNOTATION = f"{api.GROUP}/sim-endpoint"
+INSTANCE_LABEL = api.LABEL_INSTANCE
+
+
+def prometheus_selector(namespace: str, name: str) -> str:
+    """PromQL matcher of a worker's replicas: pods carry `digitalworker.io/instance`, which the
+    scrape configs (`kubernetes-pods` labelmap, PodMonitor podTargetLabels) expose as below."""
+    return f'namespace="{namespace}",digitalworker_io_instance="{name}"'
+
+
+def pod_metrics_address(pod: dict[str, Any], default_port: int = 30000) -> str | None:
+    annotations = pod["metadata"].get("annotations") or {}
+    if annotations.get(SIM_ENDPOINT_ANNOTATION):
+        return annotations[SIM_ENDPOINT_ANNOTATION].rstrip("/") + "/metrics"
+    ip = (pod.get("status") or {}).get("podIP")
+    port = annotations.get("prometheus.io/port", str(default_port))
+    return f"http://{ip}:{port}/metrics" if ip else None
+
+
+class AutoscalingLoop:
+    """Ticks each worker whose `spec.autoscaling.mode` is not Off, every `intervalSeconds`."""
+
+    def __init__(self, client: KubeClient, run_sync: Callable, post_event: Callable,
+                 prometheus_url: str | None) -> None:
+        from digital_worker.operator.autoscaling.controller import Autoscaler
+        from digital_worker.operator.autoscaling.metrics import (InMemoryMetricsSource, InProcessScraper,
+                                                                 PrometheusMetricsSource)
+
+        self.client = client
+        self.run_sync = run_sync
+        self.post_event = post_event
+        self.autoscaler = Autoscaler()
+        self.prometheus = PrometheusMetricsSource(prometheus_url) if prometheus_url else None
+        self.memory = InMemoryMetricsSource()
+        self.scraper = InProcessScraper(self.memory)
+        self._next_tick: dict[str, float] = {}
+        self._last: dict[str, tuple[str, str | None]] = {}
+
+    async def tick_all(self, bodies: list[dict[str, Any]], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for body in bodies:
+            autoscaling = (body.get("spec") or {}).get("autoscaling") or {}
+            meta = body["metadata"]
+            key = f"{meta['namespace']}/{meta['name']}"
+            if autoscaling.get("mode", "Off") == "Off" or meta.get("deletionTimestamp"):
+                self._next_tick.pop(key, None)
+                continue
+            if now < self._next_tick.get(key, 0):
+                continue
+            self._next_tick[key] = now + float(autoscaling.get("intervalSeconds", 20))
+            try:
+                await self.tick(body, now)
+            except Exception:  # one worker's failure never stops the others' scaling
+                logger.exception("autoscaling tick failed for %s", key)
+
+    async def tick(self, body: dict[str, Any], now: float) -> None:
+        meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+        key = f"{meta['namespace']}/{meta['name']}"
+        replicas = int(spec.get("replicas", 1))
+        if self.prometheus is not None:
+            source, selector = self.prometheus, prometheus_selector(meta["namespace"], meta["name"])
+        else:  # the embedded default: scrape the replicas ourselves
+            pods = await self.run_sync(self.client.list, "v1", "pods", meta["namespace"],
+                                       f"{INSTANCE_LABEL}={meta['name']}")
+            addresses = [a for a in (pod_metrics_address(p) for p in pods) if a]
+            await self.run_sync(self.scraper.scrape, key, addresses, now)
+            source, selector = self.memory, key
+        decision, autoscaling_status = await self.autoscaler.tick(
+            key, spec.get("autoscaling"), replicas, int(status.get("readyReplicas", 0)), now, source,
+            selector=selector)
+        mode = autoscaling_status.get("mode")
+        if mode == "Auto" and decision.desired_replicas != replicas:
+            await self.run_sync(self.client.patch, api.API_VERSION, api.PLURAL, meta["namespace"], meta["name"],
+                                {"spec": {"replicas": decision.desired_replicas}}, "scale")
+            await self.run_sync(self.post_event, body, Event(
+                "Normal", "Scaled", f"replicas {replicas} -> {decision.desired_replicas}: {decision.reason}"))
+        elif mode == "DryRun" and decision.desired_replicas != replicas and \
+                self._last.get(key, ("", None))[0] != f"{decision.action}:{decision.desired_replicas}":
+            await self.run_sync(self.post_event, body, Event(
+                "Normal", "WouldScale", f"DryRun: would scale {replicas} -> {decision.desired_replicas}: "
+                                        f"{decision.reason}"))
+        previous_hold = self._last.get(key, ("", None))[1]
+        if decision.hold_condition and decision.hold_condition != previous_hold:
+            await self.run_sync(self.post_event, body, Event("Warning", decision.hold_condition, decision.reason))
+        self._last[key] = (f"{decision.action}:{decision.desired_replicas}", decision.hold_condition)
+        try:
+            await self.run_sync(self.client.patch, api.API_VERSION, api.PLURAL, meta["namespace"], meta["name"],
+                                {"status": {"autoscaling": autoscaling_status}}, "status")
+        except NotFound:
+            self.autoscaler.forget(key)
+
+
+class GpuHealthLoop:
+    """Replaces replicas on faulty GPUs and taints their nodes, from the node agents' metrics."""
+
+    def __init__(self, client: KubeClient, prometheus_url: str, max_unavailable_share: float = 0.25) -> None:
+        self.client = client
+        self.prometheus_url = prometheus_url
+        self.max_unavailable_share = max_unavailable_share
+        self._states: dict[str, Any] = {}
+
+    def check_sync(self, bodies: list[dict[str, Any]]) -> None:
+        from kubernetes import client as k8s
+
+        from digital_worker.operator import gpu_health
+
+        try:
+            samples = tuple(gpu_health.fetch_gpu_health(self.prometheus_url))
+        except gpu_health.GpuHealthUnavailable as exc:
+            logger.info("GPU health unknown this round: %s", exc)
+            return
+        if not any(sample.fault() for sample in samples):
+            return
+        nodes = self.client.list("v1", "nodes")
+        tainted = frozenset(n["metadata"]["name"] for n in nodes
+                            if any(t.get("key") == gpu_health.TAINT_KEY for t in (n.get("spec") or {}).get("taints") or []))
+        core = k8s.CoreV1Api(self.client.api_client)
+        for body in bodies:
+            meta = body["metadata"]
+            key = f"{meta['namespace']}/{meta['name']}"
+            pods = self.client.list("v1", "pods", meta["namespace"], f"{INSTANCE_LABEL}={meta['name']}")
+            infos = tuple(gpu_health.PodInfo(
+                p["metadata"]["name"], (p.get("spec") or {}).get("nodeName", ""),
+                any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (p.get("status") or {}).get("conditions") or []),
+                bool(p["metadata"].get("deletionTimestamp"))) for p in pods)
+            names = {info.name for info in infos}
+            relevant = tuple(s for s in samples if s.pod in names or (s.pod is None and s.namespace is None))
+            if not any(s.fault() for s in relevant):
+                continue
+            context = gpu_health.GpuHealthContext(
+                namespace=meta["namespace"], pods=infos, samples=relevant, tainted_nodes=tainted,
+                replicas=int((body.get("spec") or {}).get("replicas", 1)),
+                max_unavailable_share=self.max_unavailable_share,
+                **({"state": self._states[key]} if key in self._states else {}))
+            decision, self._states[key] = gpu_health.decide(context)
+            gpu_health.apply_gpu_health_decision(core, meta["namespace"], decision)
+            if decision.delete_pods or decision.taint_nodes or decision.held_back:
+                self.client.patch(api.API_VERSION, api.PLURAL, meta["namespace"], meta["name"], {"status": {
+                    "gpuHealth": {
+                        "replacedPods": sorted(self._states[key].replaced_pods),
+                        "taintedNodes": sorted({t.node for t in decision.taint_nodes} | set(tainted)),
+                        "heldBack": len(decision.held_back),
+                        "lastCheck": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    }}}, "status")
+
+
+async def run_periodic(reconciler: Any, prometheus_url: str | None, *, autoscaling_interval: float = 5.0,
+                       gpu_interval: float = 15.0) -> None:
+    """Both loops, until cancelled; workers come from the kopf index the handlers hand over."""
+    loop = asyncio.get_running_loop()
+
+    async def run_sync(fn, *args):
+        return await loop.run_in_executor(reconciler.executor, fn, *args)
+
+    autoscaling = AutoscalingLoop(reconciler.client, run_sync, reconciler.post_event, prometheus_url)
+    gpu = GpuHealthLoop(reconciler.client, prometheus_url) if prometheus_url else None
+    next_gpu_check = 0.0
+    while True:
+        await asyncio.sleep(autoscaling_interval)
+        bodies = [body for store in list((reconciler.workers or {}).values()) for body in store]
+        await autoscaling.tick_all(bodies)
+        if gpu is not None and time.monotonic() >= next_gpu_check:
+            next_gpu_check = time.monotonic() + gpu_interval
+            try:
+                await run_sync(gpu.check_sync, bodies)
+            except Exception:
+                logger.exception("GPU health check failed")
