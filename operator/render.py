@@ -140,7 +140,8 @@ def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str,
     fetch_env = base_env + hf_token
     resources_spec = runtime.get("resources", {})
     requests = {key: resources_spec[key] for key in ("cpu", "memory") if key in resources_spec}
-    limits: dict[str, Any] = {"nvidia.com/gpu": runtime.get("gpusPerReplica", 1)}
+    # Quantities are strings, as the API server returns them (typed clients reject numbers).
+    limits: dict[str, Any] = {"nvidia.com/gpu": str(runtime.get("gpusPerReplica", 1))}
     if "memory" in resources_spec:
         limits["memory"] = resources_spec["memory"]
     volumes: list[dict[str, Any]] = [

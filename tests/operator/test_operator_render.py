@@ -50,7 +50,7 @@ def test_deployment_has_gpus_probes_security_and_owner():
                       "digitalworker.io/revision": "abc1234567", "digitalworker.io/instance": "support-bot"}
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
