@@ -91,11 +91,15 @@ def run_dev(*, manifest: str | None, kubeconfig_out: str, duration: float | None
     from digital_worker.operator.emulator import EmulatedCluster
     from digital_worker.operator.runner import OperatorThread
 
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 132)
     body = load_manifest(manifest) if manifest else yaml.safe_load(bundled_example())
     namespace = body["metadata"].setdefault("namespace", "default")
     logging.basicConfig(level=logging.WARNING)
-    with EmulatedCluster(kubeconfig=Path(kubeconfig_out).resolve(), namespaces=("default", namespace)) as cluster:
+    from digital_worker.operator.simpods import SimulatedSglangPods
+
+    # Each pod the pod simulator starts runs a simulated SGLang replica built from its revision's ConfigMap.
+    with EmulatedCluster(kubeconfig=Path(kubeconfig_out).resolve(), namespaces=("default", namespace),
+                         runtime=SimulatedSglangPods()) as cluster:
         console.print(f"[bold]Emulated Kubernetes API[/] at {cluster.url}")
         console.print(f"kubeconfig: [cyan]{cluster.kubeconfig_path}[/]  (try: kubectl --kubeconfig "
                       f"{cluster.kubeconfig_path} get dw -A)")
@@ -109,6 +113,14 @@ def run_dev(*, manifest: str | None, kubeconfig_out: str, duration: float | None
                 console.print(table)
             phase = final["status"]["phase"]
             console.print(f"DigitalWorker {body['metadata']['name']} is [bold]{phase}[/]: {final['status']['message']}")
+            endpoints = [pod["metadata"].get("annotations", {}).get(f"{api.GROUP}/sim-endpoint")
+                         for pod in client.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}={body['metadata']['name']}")]
+            endpoints = [e for e in endpoints if e]
+            if endpoints:
+                model = body["spec"]["model"]["name"]
+                console.print(f"Simulated SGLang replicas: {', '.join(endpoints)}")
+                console.print(f"  try: curl -s {endpoints[0]}/v1/chat/completions -H 'Content-Type: application/json' "
+                              f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
             stop = threading.Event()
             if duration is None:
                 console.print("Serving until Ctrl-C.")
