@@ -68,14 +68,25 @@ def load(kube: KubeClient, name: str, rate: float, stop: threading.Event) -> Non
             pass
 
     deadline = time.monotonic() + 120
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(64)
+    in_flight = threading.BoundedSemaphore(64)  # open loop, but never an unbounded backlog
+
+    def send_bounded(url: str) -> None:
+        try:
+            send(url)
+        finally:
+            in_flight.release()
+
+    try:
         index = 0
         while not stop.is_set() and time.monotonic() < deadline:
             urls = endpoints(kube, name)
-            if urls:
-                pool.submit(send, urls[index % len(urls)])
+            if urls and in_flight.acquire(timeout=1):
+                pool.submit(send_bounded, urls[index % len(urls)])
                 index += 1
             time.sleep(1.0 / rate)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_case(scaling_cluster, name: str, mode: str):
