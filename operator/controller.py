@@ -44,7 +44,7 @@ def settings_from_env() -> OperatorSettings:
     """Settings come from the environment so that the same handlers serve `run`, `dev` and the tests."""
     return OperatorSettings(
         resync_seconds=float(os.environ.get("DW_RESYNC_SECONDS", "60")),
-        threads=int(os.environ.get("DW_OPERATOR_THREADS", "16")),
+        threads=int(os.environ.get("DW_OPERATOR_THREADS", "8")),
         worker_limit=int(os.environ["DW_WORKER_LIMIT"]) if os.environ.get("DW_WORKER_LIMIT") else None,
         kubeconfig=os.environ.get("KUBECONFIG") or None,
         prometheus_url=os.environ.get("DW_PROMETHEUS_URL") or None,

@@ -104,17 +104,21 @@ async def reconcile_worker(body: kopf.Body, memo: kopf.Memo, **kwargs) -> None:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
-@kopf.on.event("v1", "services", labels=CHILD_LABELS)
-@kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
-@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS)
-async def child_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, memo: kopf.Memo,
+def _changed_or_deleted(event: kopf.RawEvent, **_) -> bool:
+    # The initial listing is covered by the resume handlers, and ADDED is (nearly always) our own
+    # creation: only changes and deletions can need a new pass. As a filter, kopf skips the call.
+    return event.get("type") not in (None, "ADDED")
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS, when=_changed_or_deleted)
+@kopf.on.event("v1", "services", labels=CHILD_LABELS, when=_changed_or_deleted)
+@kopf.on.event("v1", "configmaps", labels=CHILD_LABELS, when=_changed_or_deleted)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS, when=_changed_or_deleted)
+async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo,
                         digitalworkers: kopf.Index, **kwargs) -> None:
     """A child's status or existence changed: re-reconcile its DigitalWorker now, not at the next resync."""
     owner = labels.get(api.LABEL_INSTANCE)
-    # The initial listing is covered by the resume handlers, and ADDED is (nearly always) our own
-    # creation: only changes and deletions can need a new pass.
-    if not owner or event.get("type") in (None, "ADDED"):
+    if not owner:
         return
     _remember_indices(memo, kwargs)
     for body in digitalworkers.get((namespace, owner), []):
