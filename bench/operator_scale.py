@@ -116,7 +116,8 @@ def main() -> int:
         thread.start()
 
     operator_env = {**env, "KUBECONFIG": str(kubeconfig), "DW_RESYNC_SECONDS": "600"}
-    operator = subprocess.Popen([sys.executable, "-m", "digital_worker", "run", "--liveness", "http://127.0.0.1:0/healthz"],
+    operator = subprocess.Popen([sys.executable, "-m", "digital_worker", "run", "--liveness", "http://127.0.0.1:0/healthz",
+                                 "--metrics-port", "0"],
                                 stdout=subprocess.DEVNULL, stderr=open(workdir / "operator.log", "w"),
                                 env=operator_env, cwd="/")
     time.sleep(3)  # let the operator start watching before the burst

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--peering", default=None,
                      help="kopf peering name for leader election between replicas (default: standalone)")
     run.add_argument("--prometheus-url", default=None, help="Prometheus for analysis and autoscaling")
+    run.add_argument("--metrics-port", type=int, default=9090,
+                     help="serve the operator's Prometheus metrics on this port (0: off; default: %(default)s)")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(handler=cmd_run)
 
@@ -107,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.prometheus_url:
         os.environ["DW_PROMETHEUS_URL"] = args.prometheus_url
-    run_foreground(namespaces=args.namespaces, liveness=args.liveness, peering=args.peering, verbose=args.verbose)
+    run_foreground(namespaces=args.namespaces, liveness=args.liveness, peering=args.peering, verbose=args.verbose,
+                   metrics_port=args.metrics_port)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from digital_worker.operator import reconcile as reconcile_module
 from digital_worker.operator import schema as api
+from digital_worker.operator.metrics import operator_metrics
 from digital_worker.operator.kube import Conflict, KubeClient, NotFound, TransientError
 
 logger = logging.getLogger("digital_worker.operator")
@@ -135,10 +136,15 @@ class Reconciler:
             await loop.run_in_executor(self.executor, self.reconcile_sync, body)
         except (TransientError, Conflict) as exc:
             self.errors += 1
+            operator_metrics().reconcile_errors.labels("transient").inc()
             raise RetryLater(str(exc)) from None
+        except Exception:
+            operator_metrics().reconcile_errors.labels("unexpected").inc()
+            raise
         finally:
             self.passes += 1
             self.durations.append(time.perf_counter() - started)
+            operator_metrics().reconcile_seconds.observe(self.durations[-1])
             if len(self.durations) > 10000:
                 del self.durations[:5000]
 

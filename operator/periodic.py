@@ -49,7 +49,9 @@ class AutoscalingLoop:
         self.client = client
         self.run_sync = run_sync
         self.post_event = post_event
-        self.autoscaler = Autoscaler()
+        from digital_worker.operator.metrics import operator_metrics
+
+        self.autoscaler = Autoscaler(metrics=operator_metrics().autoscaler)
         self.prometheus = PrometheusMetricsSource(prometheus_url) if prometheus_url else None
         self.memory = InMemoryMetricsSource()
         self.scraper = InProcessScraper(self.memory)

@@ -14,7 +14,7 @@ def _import_handlers() -> None:
 
 
 def run_foreground(*, namespaces: list[str] | None, liveness: str | None, peering: str | None,
-                   verbose: bool = False) -> None:
+                   verbose: bool = False, metrics_port: int = 0) -> None:
     import kopf
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -24,6 +24,16 @@ def run_foreground(*, namespaces: list[str] | None, liveness: str | None, peerin
         # cluster. Problems still show (WARNING and up); --verbose brings the rest back.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     _import_handlers()
+    if metrics_port:
+        import prometheus_client
+
+        from digital_worker.operator.metrics import operator_metrics
+
+        operator_metrics()  # register before the first scrape
+        try:
+            prometheus_client.start_http_server(metrics_port, addr="0.0.0.0")
+        except OSError as exc:  # metrics are worth a warning, never an operator that will not start
+            logging.getLogger("digital_worker.operator").warning("metrics port %s unavailable: %s", metrics_port, exc)
     # Standalone unless a peering name is given: kopf waits for its peering CRD whenever a name is set.
     peering_args = {"peering_name": peering, "standalone": False} if peering else {"standalone": True}
     kopf.run(clusterwide=not namespaces, namespaces=namespaces or (), liveness_endpoint=liveness, **peering_args)
