@@ -47,20 +47,26 @@ class PrometheusServer:
         self.config_path = workdir / "prometheus.yml"
         self.process: subprocess.Popen | None = None
         self.jobs: dict[str, list[str]] = {}
+        self.job_labels: dict[str, dict[str, str]] = {}
 
     def write_config(self) -> None:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [
-                {"job_name": job, "scrape_interval": "1s", "static_configs": [{"targets": targets}]}
+                {"job_name": job, "scrape_interval": "1s",
+                 "static_configs": [{"targets": targets, **({"labels": self.job_labels[job]}
+                                                            if self.job_labels.get(job) else {})}]}
                 for job, targets in self.jobs.items()
             ],
         }
         self.config_path.write_text(yaml.safe_dump(config))
 
-    def set_targets(self, job: str, targets: list[str]) -> None:
-        """Replace one job's targets and hot-reload Prometheus (it watches no files: we POST /-/reload)."""
+    def set_targets(self, job: str, targets: list[str], labels: dict[str, str] | None = None) -> None:
+        """Replace one job's targets (and the labels its series get) and hot-reload Prometheus
+        (it watches no files: we POST /-/reload)."""
         self.jobs[job] = list(targets)
+        if labels is not None:
+            self.job_labels[job] = dict(labels)
         self.write_config()
         if self.process is not None:
             request = urllib.request.Request(f"{self.url}/-/reload", method="POST")

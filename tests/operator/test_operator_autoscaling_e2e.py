@@ -3,25 +3,15 @@ the operator's in-process scraper (the embedded default) + a load generator. Aut
 DryRun reports the same decision and changes nothing."""
 from __future__ import annotations
 
-import concurrent.futures
-import copy
-import json
 import threading
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-import yaml
 
 from digital_worker.operator import schema as api
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.simpods import SimulatedSglangPods
-from operator_support import wait_until
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
+from operator_support import load, scaling_worker as worker, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,61 +22,6 @@ def scaling_cluster():
     with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
             OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5):
         yield cluster
-
-
-def worker(name: str, mode: str) -> dict:
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": name, "namespace": "ai"}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["runtime"]["maxRunningRequests"] = 4
-    body["spec"]["replicas"] = 1
-    body["spec"]["autoscaling"] = {
-        "mode": mode, "minReplicas": 1, "maxReplicas": 4, "intervalSeconds": 5,
-        "targetRequestsPerReplica": 1.0, "slo": {"ttftP95Seconds": 1.0},
-        "reactive": {"queueLengthPerReplica": 2}, "scaleDown": {"stabilizationSeconds": 600},
-    }
-    return body
-
-
-def endpoints(kube: KubeClient, name: str) -> list[str]:
-    pods = kube.list("v1", "pods", "ai", f"{api.LABEL_INSTANCE}={name}")
-    return [p["metadata"]["annotations"][f"{api.GROUP}/sim-endpoint"] for p in pods
-            if (p["metadata"].get("annotations") or {}).get(f"{api.GROUP}/sim-endpoint")]
-
-
-def load(kube: KubeClient, name: str, rate: float, stop: threading.Event) -> None:
-    """Open-loop chat completions at `rate` req/s, spread over the worker's replicas (bounded in time)."""
-    body = json.dumps({"model": "qwen2.5-7b", "max_tokens": 200,
-                       "messages": [{"role": "user", "content": "hello " * 400}]}).encode()
-
-    def send(url: str) -> None:
-        request = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            urllib.request.urlopen(request, timeout=30).read()
-        except Exception:
-            pass
-
-    deadline = time.monotonic() + 120
-    pool = concurrent.futures.ThreadPoolExecutor(64)
-    in_flight = threading.BoundedSemaphore(64)  # open loop, but never an unbounded backlog
-
-    def send_bounded(url: str) -> None:
-        try:
-            send(url)
-        finally:
-            in_flight.release()
-
-    try:
-        index = 0
-        while not stop.is_set() and time.monotonic() < deadline:
-            urls = endpoints(kube, name)
-            if urls and in_flight.acquire(timeout=1):
-                pool.submit(send_bounded, urls[index % len(urls)])
-                index += 1
-            time.sleep(1.0 / rate)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_case(scaling_cluster, name: str, mode: str):
