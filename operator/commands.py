@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     emulated.add_argument("--no-pods", action="store_true", help="do not simulate pods for Deployments")
     emulated.add_argument("--stats-out", default=None, help="write API request counts (JSON) here on exit")
     emulated.set_defaults(handler=cmd_emulated_cluster)
+    register_rollout_commands(subparsers)
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
@@ -145,3 +146,79 @@ def cmd_emulated_cluster(args: argparse.Namespace) -> int:
 
 async def _counts(cluster) -> dict:
     return dict(cluster.emulator.request_counts)
+
+
+def register_rollout_commands(subparsers: argparse._SubParsersAction) -> None:
+    actions = {
+        "promote": "move a canary past its current step (--full: to the end at once)",
+        "abort": "abort a canary: the stable revision takes all traffic back",
+        "retry": "start an aborted canary again from its first step",
+        "pause": "pause a canary where it is",
+        "resume": "resume a paused canary (also after an inconclusive analysis)",
+    }
+    for verb, text in actions.items():
+        parser = subparsers.add_parser(verb, help=text, description=text.capitalize() + ". Works through an "
+                                       "annotation on the DigitalWorker, so `kubectl annotate` does the same.")
+        parser.add_argument("name")
+        parser.add_argument("-n", "--namespace", default="default")
+        parser.add_argument("--kubeconfig", default=None)
+        if verb == "promote":
+            parser.add_argument("--full", action="store_true", help="skip all remaining steps")
+        parser.set_defaults(handler=cmd_rollout_action, verb=verb)
+    status = subparsers.add_parser("status", help="show DigitalWorkers, their revisions and rollout state",
+                                   description="Show DigitalWorkers with their revisions, rollout and autoscaling state.")
+    status.add_argument("name", nargs="?")
+    status.add_argument("-n", "--namespace", default=None)
+    status.add_argument("--kubeconfig", default=None)
+    status.set_defaults(handler=cmd_status)
+
+
+def cmd_rollout_action(args: argparse.Namespace) -> int:
+    from digital_worker.cli import UserError
+    from digital_worker.operator import rollout
+    from digital_worker.operator import schema as api
+    from digital_worker.operator.kube import KubeClient, NotFound
+
+    annotation = {"promote": rollout.ANNOTATION_PROMOTE, "abort": rollout.ANNOTATION_ABORT,
+                  "retry": rollout.ANNOTATION_RETRY, "pause": rollout.ANNOTATION_PAUSE,
+                  "resume": rollout.ANNOTATION_RESUME}[args.verb]
+    value = "full" if getattr(args, "full", False) else ("step" if args.verb == "promote" else "true")
+    client = KubeClient.from_kubeconfig(args.kubeconfig)
+    try:
+        client.patch(api.API_VERSION, api.PLURAL, args.namespace, args.name,
+                     {"metadata": {"annotations": {annotation: value}}})
+    except NotFound:
+        raise UserError(f"DigitalWorker {args.namespace}/{args.name} not found") from None
+    print(f"{args.verb}: requested on {args.namespace}/{args.name}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from digital_worker.operator import schema as api
+    from digital_worker.operator.dev import summary_tables
+    from digital_worker.operator.kube import KubeClient
+
+    client = KubeClient.from_kubeconfig(args.kubeconfig)
+    console = Console(width=None if Console().is_terminal else 132)
+    workers, _ = summary_tables(client, args.namespace)
+    console.print(workers)
+    for body in client.list(api.API_VERSION, api.PLURAL, args.namespace):
+        if args.name and body["metadata"]["name"] != args.name:
+            continue
+        status = body.get("status") or {}
+        rollout = status.get("rollout")
+        if rollout:
+            table = Table(title=f"Rollout of {body['metadata']['namespace']}/{body['metadata']['name']}")
+            for column in ("Phase", "Canary", "Stable", "Step", "Weight", "Message"):
+                table.add_column(column)
+            table.add_row(rollout.get("phase", ""), rollout.get("revision", ""), rollout.get("stableRevision", ""),
+                          str(rollout.get("step", "")), f"{rollout.get('weight', 0)}%", rollout.get("message", ""))
+            console.print(table)
+        if status.get("autoscaling"):
+            console.print(f"autoscaling: {json.dumps(status['autoscaling'])}")
+    return 0

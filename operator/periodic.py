@@ -182,6 +182,9 @@ async def run_periodic(reconciler: Any, prometheus_url: str | None, *, autoscali
         await asyncio.sleep(autoscaling_interval)
         bodies = [body for store in list((reconciler.workers or {}).values()) for body in store]
         await autoscaling.tick_all(bodies)
+        for body in bodies:  # canary pauses and analyses run on the clock, not only on events
+            if ((body.get("status") or {}).get("rollout") or {}).get("phase") == "Progressing":
+                reconciler.schedule(body)
         if gpu is not None and time.monotonic() >= next_gpu_check:
             next_gpu_check = time.monotonic() + gpu_interval
             try:

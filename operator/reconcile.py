@@ -92,7 +92,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, observed: Observed | Non
     meta = body["metadata"]
     ctx = Context(body=body, client=client, now=now,
                   observed=observed or observe(client, meta["namespace"], meta["name"]))
-    for step in (reconcile_spec, reconcile_revision, reconcile_old_revisions, reconcile_service, reconcile_pdb):
+    for step in (reconcile_spec, reconcile_strategy, reconcile_service, reconcile_pdb):
         if step(ctx) is STOP:
             break
     return Result(status=build_status(ctx), events=ctx.events, changes=ctx.changes)
@@ -122,6 +122,32 @@ def reconcile_spec(ctx: Context) -> object | None:
         ctx.status["paused"] = True
         return STOP
     return None
+
+
+def reconcile_strategy(ctx: Context) -> object | None:
+    """Canary when a stable revision serves and the spec asks for another; otherwise the interim
+    strategy (new revision beside the old one at full size, old one deleted once the new is ready)."""
+    from digital_worker.operator import rollout
+
+    stable = canary_from(ctx)
+    if stable is not None:
+        rollout.reconcile_canary(ctx, stable)
+        return None
+    reconcile_revision(ctx)
+    return reconcile_old_revisions(ctx)
+
+
+def canary_from(ctx: Context) -> str | None:
+    """The stable revision a canary rollout starts from, or None when no canary applies."""
+    rollout_spec = ctx.spec.get("rollout")
+    if not rollout_spec or rollout_spec.get("strategy", "Canary") != "Canary":
+        return None  # BlueGreen is not implemented yet: it uses the interim strategy too
+    stable = (ctx.body.get("status") or {}).get("stableRevision")
+    if not stable or stable == ctx.revision:
+        return None
+    if ctx.observed.named("deployments", render.revision_name(ctx.name, stable)) is None:
+        return None  # the stable revision is gone: nothing to protect, roll straight to the new one
+    return stable
 
 
 def reconcile_revision(ctx: Context) -> object | None:
@@ -316,6 +342,16 @@ def build_status(ctx: Context) -> dict[str, Any]:
     }
     if stable:
         status["stableRevision"] = stable
+    rollout = ctx.status.get("rollout")
+    if rollout:
+        status["rollout"] = rollout
+        status["message"] = f"canary {rollout['phase'].lower()}: {rollout.get('message', '')}"
+        if rollout["phase"] == "Aborted":
+            status["phase"] = "Degraded"
+            status["conditions"][1] = _condition(ctx, "Progressing", False, "RolloutAborted", rollout.get("abortReason", ""))
+            status["conditions"][2] = _condition(ctx, "Degraded", True, "RolloutAborted", rollout.get("abortReason", ""))
+        elif rollout["phase"] == "Paused":
+            status["conditions"][1] = _condition(ctx, "Progressing", False, "RolloutPaused", rollout.get("message", ""))
     if phase == "Ready" and old_status.get("phase") != "Ready":
         ctx.events.append(Event("Normal", "Ready", message))
     return status

@@ -82,7 +82,8 @@ def test_second_pass_changes_nothing(operator, kube, namespace):
 
 
 def test_spec_change_rolls_a_new_revision_and_retires_the_old(operator, kube, namespace):
-    make_worker(kube, namespace)
+    """Without spec.rollout: the interim strategy (new beside old, old deleted once the new is ready)."""
+    make_worker(kube, namespace, mutate=lambda body: body["spec"].pop("rollout"))
     first = wait_until(lambda: status(kube, namespace).get("phase") == "Ready" and status(kube, namespace))
     kube.patch(api.API_VERSION, api.PLURAL, namespace, "bot", {"spec": {"model": {"revision": "v2"}}})
     final = wait_until(lambda: (s := status(kube, namespace)).get("currentRevision") != first["currentRevision"]

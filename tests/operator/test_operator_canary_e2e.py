@@ -1,0 +1,104 @@
+"""Canary rollouts through the real operator on the emulated API: steps, pauses, promote/abort/retry
+through the CLI (annotations), and analysis that cannot measure pausing instead of promoting."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+from digital_worker.operator import schema as api
+from operator_support import EXAMPLE, wait_until
+
+
+def make(kube, namespace, steps, analysis=None):
+    body = copy.deepcopy(EXAMPLE)
+    body["metadata"] = {"name": "bot", "namespace": namespace}
+    body["spec"]["runtime"].pop("apiKeySecretRef")
+    body["spec"]["replicas"] = 2
+    body["spec"]["autoscaling"] = {"mode": "Off"}
+    body["spec"]["rollout"] = {"strategy": "Canary", "canary": {"steps": steps, "maxSurge": 1}}
+    if analysis:
+        body["spec"]["rollout"]["analysis"] = analysis
+    kube.create(body)
+    return wait_until(lambda: (s := status(kube, namespace)).get("phase") == "Ready" and s, message="Ready")
+
+
+def status(kube, namespace):
+    return (kube.get(api.API_VERSION, api.PLURAL, namespace, "bot") or {}).get("status") or {}
+
+
+def rollout(kube, namespace):
+    return status(kube, namespace).get("rollout") or {}
+
+
+def deployments(kube, namespace):
+    return {d["metadata"]["labels"][api.LABEL_REVISION]: d for d in
+            kube.list("apps/v1", "deployments", namespace, f"{api.LABEL_INSTANCE}=bot")}
+
+
+def new_revision(kube, namespace):
+    kube.patch(api.API_VERSION, api.PLURAL, namespace, "bot", {"spec": {"model": {"revision": "v2"}}})
+
+
+def cli(cluster, *args):
+    return subprocess.run([sys.executable, "-m", "digital_worker", *args, "--kubeconfig", str(cluster.kubeconfig_path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def reasons(kube, namespace):
+    return [e["reason"] for e in kube.list("v1", "events", namespace)]
+
+
+def test_canary_walks_its_steps_and_becomes_stable(operator, kube, namespace):
+    first = make(kube, namespace, [{"setWeight": 50}, {"pause": {"duration": "1s"}}, {"setWeight": 100}])
+    new_revision(kube, namespace)
+    seen_split = wait_until(lambda: len(deployments(kube, namespace)) == 2 and
+                            all(d["spec"]["replicas"] >= 1 for d in deployments(kube, namespace).values()),
+                            message="both revisions serve during the canary")
+    assert seen_split
+    done = wait_until(lambda: (r := rollout(kube, namespace)).get("phase") == "Completed" and status(kube, namespace),
+                      timeout=60, message=lambda: rollout(kube, namespace))
+    assert done["stableRevision"] == done["currentRevision"] != first["currentRevision"]
+    wait_until(lambda: list(deployments(kube, namespace)) == [done["currentRevision"]], message="old revision gone")
+    assert deployments(kube, namespace)[done["currentRevision"]]["spec"]["replicas"] == 2
+    assert {"RolloutStarted", "RolloutCompleted"} <= set(reasons(kube, namespace))
+
+
+def test_pause_abort_retry_and_promote_from_the_cli(operator, kube, namespace, cluster):
+    first = make(kube, namespace, [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}])
+    new_revision(kube, namespace)
+    paused = wait_until(lambda: (r := rollout(kube, namespace)).get("phase") == "Paused" and r, timeout=40,
+                        message=lambda: rollout(kube, namespace))
+    assert paused["step"] == 1 and paused["weight"] == 50
+    assert cli(cluster, "abort", "bot", "-n", namespace).returncode == 0
+    aborted = wait_until(lambda: (s := status(kube, namespace)).get("phase") == "Degraded" and s, timeout=30,
+                         message=lambda: status(kube, namespace))
+    assert aborted["rollout"]["phase"] == "Aborted" and aborted["stableRevision"] == first["currentRevision"]
+    wait_until(lambda: deployments(kube, namespace)[first["currentRevision"]]["spec"]["replicas"] == 2 and
+               deployments(kube, namespace)[aborted["currentRevision"]]["spec"]["replicas"] == 0,
+               message="stable takes everything back")
+    assert "RolloutAborted" in reasons(kube, namespace)
+    # The annotation was consumed: plain kubectl users see a clean object.
+    annotations = kube.get(api.API_VERSION, api.PLURAL, namespace, "bot")["metadata"].get("annotations") or {}
+    assert "digitalworker.io/abort" not in annotations
+
+    assert cli(cluster, "retry", "bot", "-n", namespace).returncode == 0
+    wait_until(lambda: rollout(kube, namespace).get("phase") == "Paused", timeout=40, message="paused again")
+    assert cli(cluster, "promote", "bot", "-n", namespace).returncode == 0
+    done = wait_until(lambda: (s := status(kube, namespace)).get("rollout", {}).get("phase") == "Completed" and s,
+                      timeout=60, message=lambda: rollout(kube, namespace))
+    assert done["stableRevision"] == done["currentRevision"] != first["currentRevision"]
+    out = cli(cluster, "status", "bot", "-n", namespace)
+    assert out.returncode == 0 and "Completed" in out.stdout
+
+
+def test_analysis_without_metrics_pauses_never_promotes(operator, kube, namespace):
+    make(kube, namespace, [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}],
+         analysis={"intervalSeconds": 5, "windowSeconds": 10, "inconclusiveLimit": 2})
+    new_revision(kube, namespace)
+    paused = wait_until(lambda: (r := rollout(kube, namespace)).get("phase") == "Paused" and r, timeout=60,
+                        message=lambda: rollout(kube, namespace))
+    assert paused["step"] == 1 and paused["analysis"]["phase"] == "Paused"
+    assert len(deployments(kube, namespace)) == 2  # not promoted: both revisions still there
+    conditions = {c["type"]: c for c in status(kube, namespace)["conditions"]}
+    assert conditions["Progressing"]["status"] == "False" and conditions["Progressing"]["reason"] == "RolloutPaused"
