@@ -68,8 +68,9 @@ def raw_body(body: Any) -> Any:
 
 
 class Reconciler:
-    def __init__(self, client: KubeClient, threads: int = 16) -> None:
+    def __init__(self, client: KubeClient, threads: int = 16, prometheus_url: str | None = None) -> None:
         self.client = client
+        self.prometheus_url = prometheus_url
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reconcile")
         self._latest: dict[tuple[str, str], dict[str, Any]] = {}
         self._running: set[tuple[str, str]] = set()
@@ -84,7 +85,8 @@ class Reconciler:
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> "Reconciler":
-        return cls(KubeClient.from_kubeconfig(settings.kubeconfig), threads=settings.threads)
+        return cls(KubeClient.from_kubeconfig(settings.kubeconfig), threads=settings.threads,
+                   prometheus_url=settings.prometheus_url)
 
     def schedule(self, body: dict[str, Any]) -> None:
         """Fire-and-forget reconcile (child events); failures are logged and retried by the resync timer."""
@@ -149,7 +151,7 @@ class Reconciler:
                 del self.durations[:5000]
 
     def reconcile_sync(self, body: dict[str, Any]) -> reconcile_module.Result:
-        result = reconcile_module.reconcile(body, self.client, self.observed(body))
+        result = reconcile_module.reconcile(body, self.client, self.observed(body), prometheus_url=self.prometheus_url)
         meta = body["metadata"]
         old_status = body.get("status") or {}
         if reconcile_module.status_changed(old_status, result.status):

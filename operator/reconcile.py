@@ -61,6 +61,7 @@ class Context:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     changes: int = 0
+    prometheus_url: str | None = None  # for rollout analysis; None: analyses cannot measure (and pause)
 
     @property
     def name(self) -> str:
@@ -88,9 +89,9 @@ def observe(client: KubeClient, namespace: str, name: str) -> Observed:
 
 
 def reconcile(body: dict[str, Any], client: KubeClient, observed: Observed | None = None,
-              now: Callable[[], str] = utc_now) -> Result:
+              now: Callable[[], str] = utc_now, prometheus_url: str | None = None) -> Result:
     meta = body["metadata"]
-    ctx = Context(body=body, client=client, now=now,
+    ctx = Context(body=body, client=client, now=now, prometheus_url=prometheus_url,
                   observed=observed or observe(client, meta["namespace"], meta["name"]))
     for step in (reconcile_spec, reconcile_strategy, reconcile_service, reconcile_pdb):
         if step(ctx) is STOP:

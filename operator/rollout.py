@@ -15,7 +15,6 @@ Pure parts (router, verdicts) live in traffic.py and analysis.py; this module ap
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import Any
@@ -44,10 +43,6 @@ def duration_seconds(text: str) -> float:
 
 def _int_or_percent(value: int | str) -> int | str:
     return int(value) if isinstance(value, str) and not value.endswith("%") else value
-
-
-def prometheus_url() -> str | None:
-    return os.environ.get("DW_PROMETHEUS_URL") or None
 
 
 def reconcile_canary(ctx, stable_revision: str, now: float | None = None) -> None:
@@ -183,7 +178,7 @@ def _run_analysis(ctx, state, step, stable_revision, now, promoted, resuming) ->
     if resuming:  # a human looked at an inconclusive analysis and wants it to go on
         analysis = resume(analysis, now)
         state["phase"] = PROGRESSING
-    url = prometheus_url()
+    url = ctx.prometheus_url
     if is_due(analysis, spec, now):
         if url is None:
             from digital_worker.operator.analysis import RunMeasurements

@@ -53,6 +53,7 @@ class OperatorThread:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self.error: BaseException | None = None
+        self._saved_env: dict[str, str | None] = {}
 
     def __enter__(self) -> "OperatorThread":
         self.start()
@@ -62,9 +63,11 @@ class OperatorThread:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:
-        os.environ["KUBECONFIG"] = self.kubeconfig
-        os.environ["DW_RESYNC_SECONDS"] = str(self.resync_seconds)
-        os.environ.update(self.env)
+        # The operator reads its settings from the environment at start; put back what was there on stop,
+        # so that one operator's settings (e.g. a Prometheus URL) never leak into the next one's.
+        settings = {"KUBECONFIG": self.kubeconfig, "DW_RESYNC_SECONDS": str(self.resync_seconds), **self.env}
+        self._saved_env = {key: os.environ.get(key) for key in settings}
+        os.environ.update(settings)
         logging.getLogger("kopf").setLevel(self.log_level)
         self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
         self._thread.start()
@@ -79,6 +82,12 @@ class OperatorThread:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
 
     @property
     def alive(self) -> bool:
