@@ -173,17 +173,28 @@ def register_rollout_commands(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=cmd_status)
 
 
+def connect(kubeconfig: str | None):
+    """A client for the current kubeconfig (or in-cluster); a missing config is a one-line error."""
+    from digital_worker.cli import UserError
+    from digital_worker.operator.kube import KubeClient
+
+    try:
+        return KubeClient.from_kubeconfig(kubeconfig)
+    except Exception as exc:
+        raise UserError(f"no Kubernetes config found (KUBECONFIG, ~/.kube/config or in-cluster): {exc}") from None
+
+
 def cmd_rollout_action(args: argparse.Namespace) -> int:
     from digital_worker.cli import UserError
     from digital_worker.operator import rollout
     from digital_worker.operator import schema as api
-    from digital_worker.operator.kube import KubeClient, NotFound
+    from digital_worker.operator.kube import NotFound
 
     annotation = {"promote": rollout.ANNOTATION_PROMOTE, "abort": rollout.ANNOTATION_ABORT,
                   "retry": rollout.ANNOTATION_RETRY, "pause": rollout.ANNOTATION_PAUSE,
                   "resume": rollout.ANNOTATION_RESUME}[args.verb]
     value = "full" if getattr(args, "full", False) else ("step" if args.verb == "promote" else "true")
-    client = KubeClient.from_kubeconfig(args.kubeconfig)
+    client = connect(args.kubeconfig)
     try:
         client.patch(api.API_VERSION, api.PLURAL, args.namespace, args.name,
                      {"metadata": {"annotations": {annotation: value}}})
@@ -201,9 +212,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from digital_worker.operator import schema as api
     from digital_worker.operator.dev import summary_tables
-    from digital_worker.operator.kube import KubeClient
 
-    client = KubeClient.from_kubeconfig(args.kubeconfig)
+    client = connect(args.kubeconfig)
     console = Console(width=None if Console().is_terminal else 132)
     workers, _ = summary_tables(client, args.namespace)
     console.print(workers)

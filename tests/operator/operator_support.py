@@ -84,3 +84,20 @@ def load(kube: KubeClient, name: str, rate: float, stop: threading.Event) -> Non
             time.sleep(1.0 / rate)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def sync_targets_by_revision(kube, prometheus, name, stop):
+    """Plays Prometheus' pod discovery: one job per revision, with the labels the scrape configs add."""
+    current: dict[str, list[str]] = {}
+    while not stop.wait(1.0):
+        by_revision: dict[str, list[str]] = {}
+        for pod in kube.list("v1", "pods", "ai", f"{api.LABEL_INSTANCE}={name}"):
+            endpoint = (pod["metadata"].get("annotations") or {}).get(f"{api.GROUP}/sim-endpoint")
+            if endpoint:
+                by_revision.setdefault(pod["metadata"]["labels"][api.LABEL_REVISION], []).append(endpoint.split("//", 1)[1])
+        for revision in set(current) | set(by_revision):
+            targets = sorted(by_revision.get(revision, []))
+            if targets != current.get(revision) and prometheus.process is not None:
+                prometheus.set_targets(f"dw-{revision}", targets, labels={
+                    "namespace": "ai", "digitalworker_io_instance": name, "digitalworker_io_revision": revision})
+        current = {revision: sorted(targets) for revision, targets in by_revision.items()}
