@@ -167,7 +167,7 @@ class GpuHealthLoop:
                     }}}, "status")
 
 
-async def run_periodic(reconciler: Any, prometheus_url: str | None, *, autoscaling_interval: float = 5.0,
+async def run_periodic(reconciler: Any, prometheus_url: str | None, *, tick_seconds: float = 1.0,
                        gpu_interval: float = 15.0) -> None:
     """Both loops, until cancelled; workers come from the kopf index the handlers hand over."""
     loop = asyncio.get_running_loop()
@@ -179,7 +179,7 @@ async def run_periodic(reconciler: Any, prometheus_url: str | None, *, autoscali
     gpu = GpuHealthLoop(reconciler.client, prometheus_url) if prometheus_url else None
     next_gpu_check = 0.0
     while True:
-        await asyncio.sleep(autoscaling_interval)
+        await asyncio.sleep(tick_seconds)  # each worker is only ticked when its own interval is due
         bodies = [body for store in list((reconciler.workers or {}).values()) for body in store]
         await autoscaling.tick_all(bodies)
         for body in bodies:  # canary pauses and analyses run on the clock, not only on events
