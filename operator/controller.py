@@ -160,8 +160,12 @@ class Reconciler:
                                             {"status": result.status}, subresource="status")
             except NotFound:  # deleted while we worked: its children go with it
                 return result
-            # Later passes on this body must see the status we wrote (for transitions and events).
+            # Later passes on this body must see the status we wrote (for transitions and events),
+            # and an older copy from the watch (lower resourceVersion) must not replace it.
             body["status"] = (patched or {}).get("status", result.status)
+            version = ((patched or {}).get("metadata") or {}).get("resourceVersion")
+            if version:
+                body["metadata"]["resourceVersion"] = version
         for event in result.events:
             self.post_event(body, event)
         return result

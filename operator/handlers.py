@@ -18,12 +18,23 @@ DW = (api.GROUP, api.VERSION, api.PLURAL)
 CHILD_LABELS = {api.LABEL_NAME: api.APP_NAME}
 
 @kopf.on.login()
-def login(**kwargs):
-    # kopf's kubeconfig login reads KUBECONFIG when called; the kubernetes client's own default
-    # is frozen at its import, which goes wrong when one process runs several operators (tests).
-    if os.environ.get("KUBECONFIG"):
-        return kopf.login_with_kubeconfig(**kwargs)
-    return kopf.login_via_client(**kwargs)
+def login(memo: kopf.Memo, **kwargs):
+    # The kubeconfig this operator was started with (read once, at start), never the environment at
+    # re-login time: with several operators in one process (tests, dev) that could be another's.
+    settings = getattr(memo, "settings", None) or settings_from_env()
+    if not settings.kubeconfig:
+        return kopf.login_via_client(memo=memo, **kwargs)
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
+    token = (configuration.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip() or None
+    return kopf.ConnectionInfo(
+        server=configuration.host, token=token, scheme="Bearer" if token else None,
+        ca_path=configuration.ssl_ca_cert, insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file, private_key_path=configuration.key_file,
+        default_namespace=None,
+    )
 
 
 @kopf.on.startup()
