@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand: a UserError is one line on stderr and exit 2, Ctrl-C is 130.
+    Shared by this CLI and the subpackages' own `python -m` entry points."""
     try:
         result = args.handler(args)
     except UserError as exc:
@@ -57,3 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_handler(build_parser().parse_args(argv))

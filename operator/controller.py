@@ -76,9 +76,6 @@ class Reconciler:
         self._running: set[tuple[str, str]] = set()
         self._pending: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task] = set()
-        self.passes = 0
-        self.errors = 0
-        self.durations: list[float] = []
         # kopf indices of the children by (namespace, owner name), set by the handlers; None: list from the API.
         self.children: dict[str, Any] | None = None
         self.workers: Any = None  # the kopf index of DigitalWorkers, for the resync loop
@@ -137,18 +134,13 @@ class Reconciler:
         try:
             await loop.run_in_executor(self.executor, self.reconcile_sync, body)
         except (TransientError, Conflict) as exc:
-            self.errors += 1
             operator_metrics().reconcile_errors.labels("transient").inc()
             raise RetryLater(str(exc)) from None
         except Exception:
             operator_metrics().reconcile_errors.labels("unexpected").inc()
             raise
         finally:
-            self.passes += 1
-            self.durations.append(time.perf_counter() - started)
-            operator_metrics().reconcile_seconds.observe(self.durations[-1])
-            if len(self.durations) > 10000:
-                del self.durations[:5000]
+            operator_metrics().reconcile_seconds.observe(time.perf_counter() - started)
 
     def reconcile_sync(self, body: dict[str, Any]) -> reconcile_module.Result:
         result = reconcile_module.reconcile(body, self.client, self.observed(body), prometheus_url=self.prometheus_url)

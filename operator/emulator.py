@@ -300,8 +300,7 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectDispatch):
     def _lookup(self, request: rendering.Request, *, namespace: str | None = None, name: str | None = None) -> Any:
         key = (request.resource, namespace if namespace is not None else request.namespace,
                name if name is not None else request.name)
-        obj = self.objects._objects.get(key)
-        return None if obj is None else obj
+        return self.objects._objects.get(key)
 
     def _known(self, resource: Any) -> bool:
         return resource in self.resources or resource in self._by_resource

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from digital_worker.cli import UserError
+from digital_worker.cli import run_handler
 from digital_worker.runtime.cli import register
 
 
@@ -21,14 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     if not raw or raw[0] not in ("runtime", "-h", "--help"):
         raw = ["runtime", *raw]
-    args = parser.parse_args(raw)
-    try:
-        return int(args.handler(args) or 0)
-    except UserError as exc:
-        print(f"digital-worker: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_handler(parser.parse_args(raw))
 
 
 if __name__ == "__main__":
