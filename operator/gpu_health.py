@@ -258,17 +258,22 @@ def samples_from_query_result(result: list[dict]) -> list[GpuHealthSample]:
     return [GpuHealthSample(**entry) for _, entry in sorted(merged.items(), key=lambda kv: tuple(map(str, kv[0])))]
 
 
-def fetch_gpu_health(prom_url: str, timeout: float = 5.0) -> list[GpuHealthSample]:
-    """Per-GPU health from Prometheus' instant query API (one request for all four metrics)."""
-    url = prom_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": HEALTH_QUERY})
+def _instant_query(prom_url: str, query: str, what: str, timeout: float) -> list[dict]:
+    """One Prometheus instant query's result vector; any failure is GpuHealthUnavailable."""
+    url = prom_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             payload = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise GpuHealthUnavailable(f"GPU health query to {prom_url} failed: {exc}") from exc
+        raise GpuHealthUnavailable(f"GPU {what} query to {prom_url} failed: {exc}") from exc
     if payload.get("status") != "success":
-        raise GpuHealthUnavailable(f"GPU health query to {prom_url} answered {payload.get('error', payload)}")
-    return samples_from_query_result(payload.get("data", {}).get("result", []))
+        raise GpuHealthUnavailable(f"GPU {what} query to {prom_url} answered {payload.get('error', payload)}")
+    return payload.get("data", {}).get("result", [])
+
+
+def fetch_gpu_health(prom_url: str, timeout: float = 5.0) -> list[GpuHealthSample]:
+    """Per-GPU health from Prometheus' instant query API (one request for all four metrics)."""
+    return samples_from_query_result(_instant_query(prom_url, HEALTH_QUERY, "health", timeout))
 
 
 # --- GPU load: an optional extra signal for the autoscaling policy ------------------------------------
@@ -318,15 +323,7 @@ def gpu_load_from_query_result(result: list[dict], namespace: str, pods) -> GpuL
 
 def fetch_gpu_load(prom_url: str, namespace: str, pods, timeout: float = 5.0) -> GpuLoad | None:
     """GPU load of a worker's pods from Prometheus; None when no GPU of theirs is reported."""
-    url = prom_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": LOAD_QUERY})
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            payload = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise GpuHealthUnavailable(f"GPU load query to {prom_url} failed: {exc}") from exc
-    if payload.get("status") != "success":
-        raise GpuHealthUnavailable(f"GPU load query to {prom_url} answered {payload.get('error', payload)}")
-    return gpu_load_from_query_result(payload.get("data", {}).get("result", []), namespace, pods)
+    return gpu_load_from_query_result(_instant_query(prom_url, LOAD_QUERY, "load", timeout), namespace, pods)
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
