@@ -79,6 +79,8 @@ class Reconciler:
         # kopf indices of the children by (namespace, owner name), set by the handlers; None: list from the API.
         self.children: dict[str, Any] | None = None
         self.workers: Any = None  # the kopf index of DigitalWorkers, for the resync loop
+        # A MetricProvider for rollout analysis when no Prometheus is configured (dev mode's scraper).
+        self.analysis_provider: Any = None
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> "Reconciler":
@@ -143,7 +145,8 @@ class Reconciler:
             operator_metrics().reconcile_seconds.observe(time.perf_counter() - started)
 
     def reconcile_sync(self, body: dict[str, Any]) -> reconcile_module.Result:
-        result = reconcile_module.reconcile(body, self.client, self.observed(body), prometheus_url=self.prometheus_url)
+        result = reconcile_module.reconcile(body, self.client, self.observed(body), prometheus_url=self.prometheus_url,
+                                           analysis_provider=self.analysis_provider)
         meta = body["metadata"]
         old_status = body.get("status") or {}
         if reconcile_module.status_changed(old_status, result.status):

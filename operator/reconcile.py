@@ -61,7 +61,10 @@ class Context:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     changes: int = 0
-    prometheus_url: str | None = None  # for rollout analysis; None: analyses cannot measure (and pause)
+    prometheus_url: str | None = None  # for rollout analysis
+    # Rollout analysis without Prometheus (the embedded default's in-process scraper); with neither,
+    # analyses cannot measure and pause.
+    analysis_provider: Any = None
 
     @property
     def name(self) -> str:
@@ -89,9 +92,11 @@ def observe(client: KubeClient, namespace: str, name: str) -> Observed:
 
 
 def reconcile(body: dict[str, Any], client: KubeClient, observed: Observed | None = None,
-              now: Callable[[], str] = utc_now, prometheus_url: str | None = None) -> Result:
+              now: Callable[[], str] = utc_now, prometheus_url: str | None = None,
+              analysis_provider: Any = None) -> Result:
     meta = body["metadata"]
     ctx = Context(body=body, client=client, now=now, prometheus_url=prometheus_url,
+                  analysis_provider=analysis_provider,
                   observed=observed or observe(client, meta["namespace"], meta["name"]))
     for step in (reconcile_spec, reconcile_strategy, reconcile_service, reconcile_pdb):
         if step(ctx) is STOP:

@@ -180,12 +180,12 @@ def _run_analysis(ctx, state, step, stable_revision, now, promoted, resuming) ->
         state["phase"] = PROGRESSING
     url = ctx.prometheus_url
     if is_due(analysis, spec, now):
-        if url is None:
+        provider = PrometheusProvider(url, timeout=5.0) if url else ctx.analysis_provider
+        if provider is None:
             from digital_worker.operator.analysis import RunMeasurements
 
-            measurements = RunMeasurements({}, None)  # no Prometheus configured: nothing to judge
+            measurements = RunMeasurements({}, None)  # no metrics source at all: nothing to judge
         else:
-            provider = PrometheusProvider(url, timeout=5.0)
             measurements = measure_run(provider, spec, revision_matchers(ctx.namespace, ctx.name, ctx.revision),
                                        revision_matchers(ctx.namespace, ctx.name, stable_revision), at=now)
         result, analysis = evaluate(analysis, measurements, now, spec)
