@@ -65,6 +65,9 @@ class Context:
     # Rollout analysis without Prometheus (the embedded default's in-process scraper); with neither,
     # analyses cannot measure and pause.
     analysis_provider: Any = None
+    # Which pods the stable Service selects; None: every pod of the worker (replica-ratio canary).
+    # Set by steps that route traffic: blue-green (active revision), the fallback breaker.
+    service_selector: dict[str, str] | None = None
 
     @property
     def name(self) -> str:
@@ -191,7 +194,16 @@ def reconcile_old_revisions(ctx: Context) -> object | None:
 
 
 def reconcile_service(ctx: Context) -> object | None:
-    apply(ctx, render.render_service(ctx.body))
+    desired = render.render_service(ctx.body, ctx.service_selector)
+    apply(ctx, desired)
+    # A merge patch only adds selector keys: drop the ones no longer wanted, or traffic stays pinned
+    # (e.g. to the old blue-green revision) after the selector was widened again.
+    actual = ctx.observed.named("services", desired["metadata"]["name"]) or {}
+    stale = set(((actual.get("spec") or {}).get("selector") or {})) - set(desired["spec"]["selector"])
+    if stale:
+        ctx.client.patch("v1", "services", ctx.namespace, desired["metadata"]["name"],
+                         {"spec": {"selector": {key: None for key in stale}}})
+        ctx.changes += 1
     return None
 
 
