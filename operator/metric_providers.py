@@ -60,10 +60,25 @@ def revision_matchers(namespace: str, instance: str, revision: str) -> dict[str,
 
 @dataclass(frozen=True)
 class MetricQuery:
-    """One named PromQL instant query."""
+    """One named PromQL instant query.
+
+    `revision_queries` also says what the query measures in structured form (`measurement`, the
+    label `matchers` as sorted (label, operator, value) triples, `window_seconds`, `quantile`), so a
+    provider that does not speak PromQL (the operator's in-process scraper) can answer it.
+    PrometheusProvider reads only `promql`. A hand-written query leaves `measurement` None."""
 
     name: str
     promql: str
+    measurement: str | None = None
+    matchers: tuple[tuple[str, str, str], ...] = ()
+    window_seconds: float | None = None
+    quantile: float | None = None
+
+    def matcher_values(self) -> dict[str, str] | None:
+        """The equality matchers as {label: value}; None when any matcher is not `=`."""
+        if any(operator != "=" for _, operator, _ in self.matchers):
+            return None
+        return {label: value for label, _, value in self.matchers}
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,16 @@ class MetricProvider(ABC):
 
 def _escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def matcher_triples(matchers: LabelMatchers) -> tuple[tuple[str, str, str], ...]:
+    """`{"a": "x", "b": ("=~", "y|z")}` -> `(("a", "=", "x"), ("b", "=~", "y|z"))`, sorted."""
+    triples = []
+    for label in sorted(matchers):
+        raw = matchers[label]
+        operator, value = raw if isinstance(raw, tuple) else ("=", raw)
+        triples.append((label, operator, str(value)))
+    return tuple(triples)
 
 
 def render_matchers(matchers: LabelMatchers) -> str:
@@ -231,7 +256,11 @@ def revision_queries(
         promql[HTTP_ERROR_RATE] = http_error_rate_query(
             matchers, window_seconds, http_errors.metric, http_errors.status_label
         )
-    return {name: MetricQuery(name, text) for name, text in promql.items()}
+    structured = matcher_triples(matchers)
+    return {name: MetricQuery(name, text, measurement=name, matchers=structured,
+                              window_seconds=float(window_seconds),
+                              quantile=quantile if name in (TTFT_P95, ITL_P95, E2E_P95) else None)
+            for name, text in promql.items()}
 
 
 # ---------------------------------------------------------------- parsing Prometheus answers

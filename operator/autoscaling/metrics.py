@@ -168,6 +168,9 @@ class ScrapeSample:
     token_usage: float
     ttft_buckets: tuple[tuple[float, float], ...]
     itl_buckets: tuple[tuple[float, float], ...] = ()
+    # Read for rollout analysis (operator/inprocess_analysis.py), not by the autoscaler.
+    aborted_requests_total: float = 0.0
+    e2e_buckets: tuple[tuple[float, float], ...] = ()
 
 
 def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
@@ -178,11 +181,13 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
     """
     from prometheus_client.parser import text_string_to_metric_families
 
-    counters = {"num_requests_total": 0.0, "prompt_tokens_total": 0.0, "generation_tokens_total": 0.0}
+    counters = {"num_requests_total": 0.0, "prompt_tokens_total": 0.0, "generation_tokens_total": 0.0,
+                "num_aborted_requests_total": 0.0}
     gauges = {"num_queue_reqs": 0.0, "num_running_reqs": 0.0}
     usage = 0.0
     buckets: dict[float, float] = {}
     itl_buckets: dict[float, float] = {}
+    e2e_buckets: dict[float, float] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -202,9 +207,13 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
                 elif short in ("inter_token_latency_seconds_bucket", "time_per_output_token_seconds_bucket"):
                     bound = float(sample.labels.get("le", "inf"))
                     itl_buckets[bound] = itl_buckets.get(bound, 0.0) + sample.value
+                elif short == "e2e_request_latency_seconds_bucket":
+                    bound = float(sample.labels.get("le", "inf"))
+                    e2e_buckets[bound] = e2e_buckets.get(bound, 0.0) + sample.value
     return ScrapeSample(now, counters["num_requests_total"], counters["prompt_tokens_total"],
                         counters["generation_tokens_total"], gauges["num_queue_reqs"], gauges["num_running_reqs"],
-                        usage, tuple(sorted(buckets.items())), tuple(sorted(itl_buckets.items())))
+                        usage, tuple(sorted(buckets.items())), tuple(sorted(itl_buckets.items())),
+                        counters["num_aborted_requests_total"], tuple(sorted(e2e_buckets.items())))
 
 
 def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:
