@@ -9,7 +9,8 @@ decision: delete the pods on bad GPUs (their Deployment reschedules them), taint
 take more than `max_unavailable_share` of the replicas down at once (a flood of faults across many
 nodes is held back and reported, not obeyed).
 
-`decide` is pure; `fetch_gpu_health` (Prometheus over plain HTTP) and `apply_gpu_health_decision`
+`decide` is pure; `fetch_gpu_health` (Prometheus over plain HTTP), `fetch_gpu_health_from_agents`
+(the node agents' own /metrics, for an operator without Prometheus) and `apply_gpu_health_decision`
 (the kubernetes client) are the only parts that talk to anything, at the bottom. `fetch_gpu_load`
 gives the autoscaling policy GPU utilisation and memory as optional extra signals.
 """
@@ -274,6 +275,57 @@ def _instant_query(prom_url: str, query: str, what: str, timeout: float) -> list
 def fetch_gpu_health(prom_url: str, timeout: float = 5.0) -> list[GpuHealthSample]:
     """Per-GPU health from Prometheus' instant query API (one request for all four metrics)."""
     return samples_from_query_result(_instant_query(prom_url, HEALTH_QUERY, "health", timeout))
+
+
+# --- the node agents' own /metrics, without Prometheus ------------------------------------------------
+
+# On a Node: the base URL of its node agent's metrics, for an operator running without Prometheus
+# (the simulated node agents of `digital-worker dev` set it; operator/simnodes.py).
+AGENT_ENDPOINT_ANNOTATION = "digitalworker.io/sim-agent-endpoint"
+
+
+def agent_endpoints(nodes: list[dict]) -> list[tuple[str, dict[str, str]]]:
+    """(metrics URL, target labels) of each node agent announced on a Node; the labels are those a
+    scrape config adds (`node`), so the samples fold exactly as they do from Prometheus."""
+    endpoints = []
+    for node in nodes:
+        meta = node.get("metadata") or {}
+        base = (meta.get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
+        if base:
+            endpoints.append((base.rstrip("/") + "/metrics", {"node": meta.get("name", "")}))
+    return endpoints
+
+
+def samples_from_exposition(text: str, target_labels: dict[str, str] | None = None) -> list[GpuHealthSample]:
+    """One node agent's /metrics page folded like `samples_from_query_result` folds Prometheus'
+    answer to HEALTH_QUERY. The page's own labels win over the target's, as with honorLabels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    result = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in HEALTH_METRICS:
+                result.append({"metric": {**(target_labels or {}), **sample.labels, "__name__": sample.name},
+                               "value": [0, repr(float(sample.value))]})
+    return samples_from_query_result(result)
+
+
+def fetch_gpu_health_from_agents(endpoints: list[tuple[str, dict[str, str]]],
+                                 timeout: float = 3.0) -> list[GpuHealthSample]:
+    """Per-GPU health read from the node agents directly. An agent that does not answer just has no
+    samples this round (like a down scrape target); none answering is GpuHealthUnavailable."""
+    samples: list[GpuHealthSample] = []
+    failures = []
+    for url, labels in endpoints:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                text = response.read().decode("utf-8", "replace")
+            samples.extend(samples_from_exposition(text, labels))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            failures.append(f"{url}: {exc}")
+    if endpoints and len(failures) == len(endpoints):
+        raise GpuHealthUnavailable(f"no node agent answered: {'; '.join(failures)[:300]}")
+    return samples
 
 
 # --- GPU load: an optional extra signal for the autoscaling policy ------------------------------------

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from digital_worker.operator import fallback
 from digital_worker.operator import schema as api
 from digital_worker.operator.kube import KubeClient, NotFound
 from digital_worker.operator.reconcile import Event
@@ -178,12 +179,14 @@ async def run_periodic(reconciler: Any, prometheus_url: str | None, *, tick_seco
     autoscaling = AutoscalingLoop(reconciler.client, run_sync, reconciler.post_event, prometheus_url)
     gpu = GpuHealthLoop(reconciler.client, prometheus_url) if prometheus_url else None
     next_gpu_check = 0.0
+    fallback_evaluated: dict[tuple[str, str], float] = {}  # fallback breakers tick on the clock (fallback.py)
     while True:
         await asyncio.sleep(tick_seconds)  # each worker is only ticked when its own interval is due
         bodies = [body for store in list((reconciler.workers or {}).values()) for body in store]
         await autoscaling.tick_all(bodies)
         for body in bodies:  # canary pauses and analyses run on the clock, not only on events
-            if ((body.get("status") or {}).get("rollout") or {}).get("phase") == "Progressing":
+            if ((body.get("status") or {}).get("rollout") or {}).get("phase") == "Progressing" or \
+                    fallback.evaluation_due(body, fallback_evaluated, time.monotonic()):
                 reconciler.schedule(body)
         if gpu is not None and time.monotonic() >= next_gpu_check:
             next_gpu_check = time.monotonic() + gpu_interval

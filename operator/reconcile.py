@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from digital_worker.operator import render
 from digital_worker.operator import schema as api
+from digital_worker.operator.fallback import reconcile_fallback
 from digital_worker.operator.kube import Conflict, KubeClient, NotFound
 from digital_worker.operator.spec import normalize_spec, validate
 
@@ -101,7 +102,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, observed: Observed | Non
     ctx = Context(body=body, client=client, now=now, prometheus_url=prometheus_url,
                   analysis_provider=analysis_provider,
                   observed=observed or observe(client, meta["namespace"], meta["name"]))
-    for step in (reconcile_spec, reconcile_strategy, reconcile_service, reconcile_pdb):
+    for step in (reconcile_spec, reconcile_strategy, reconcile_fallback, reconcile_service, reconcile_pdb):
         if step(ctx) is STOP:
             break
     return Result(status=build_status(ctx), events=ctx.events, changes=ctx.changes)
@@ -360,6 +361,8 @@ def build_status(ctx: Context) -> dict[str, Any]:
     }
     if stable:
         status["stableRevision"] = stable
+    if "fallback" in ctx.status:  # the breaker's state (None: spec.fallback removed, clear it)
+        status["fallback"] = ctx.status["fallback"]
     rollout = ctx.status.get("rollout")
     if rollout:
         status["rollout"] = rollout

@@ -5,6 +5,7 @@ operator would apply.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -108,12 +109,27 @@ def _owned(obj: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def render_configmap(body: dict[str, Any], spec: dict[str, Any], revision: str) -> dict[str, Any]:
+def _child_labels(dw_name: str, revision: str, instance: str | None,
+                  extra_labels: dict[str, str] | None) -> dict[str, str]:
+    """Labels of a revision's objects; `instance` (default: the worker) and `extra_labels` let objects that
+    are not revisions of the worker (the fallback model) stay out of its child selector."""
+    labels = {**instance_labels(dw_name), api.LABEL_REVISION: revision}
+    if instance:
+        labels[api.LABEL_INSTANCE] = instance
+    return {**labels, **(extra_labels or {})}
+
+
+def render_configmap(body: dict[str, Any], spec: dict[str, Any], revision: str, *, instance: str | None = None,
+                     extra_labels: dict[str, str] | None = None,
+                     served_model_name: str | None = None) -> dict[str, Any]:
     name = body["metadata"]["name"]
+    launch = launch_config(spec)
+    if served_model_name:
+        launch = dataclasses.replace(launch, served_model_name=served_model_name)
     return _owned(_render(
         "configmap.json.j2", name=revision_name(name, revision), namespace=body["metadata"]["namespace"],
-        labels={**instance_labels(name), api.LABEL_REVISION: revision},
-        launch_config_json=launch_config(spec).to_json(),
+        labels=_child_labels(name, revision, instance, extra_labels),
+        launch_config_json=launch.to_json(),
     ), body)
 
 
@@ -123,16 +139,17 @@ def _secret_env(env_name: str, ref: dict[str, Any] | None) -> list[dict[str, Any
     return [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}}]
 
 
-def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str, replicas: int) -> dict[str, Any]:
+def render_deployment(body: dict[str, Any], spec: dict[str, Any], revision: str, replicas: int, *,
+                      instance: str | None = None, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
     name = body["metadata"]["name"]
     namespace = body["metadata"]["namespace"]
     runtime = spec.get("runtime", {})
     model = spec["model"]
-    labels = {**instance_labels(name), api.LABEL_REVISION: revision}
+    labels = _child_labels(name, revision, instance, extra_labels)
     # The worker's name again under our own group: scrape configs turn pod labels into series labels
     # (`digitalworker_io_instance`), which autoscaling and analysis select on.
     pod_labels = {**labels, api.LABEL_WORKER: name}
-    selector = {api.LABEL_INSTANCE: name, api.LABEL_REVISION: revision}
+    selector = {api.LABEL_INSTANCE: instance or name, api.LABEL_REVISION: revision}
     hf_token = _secret_env("HF_TOKEN", model.get("hfTokenSecretRef"))
     base_env = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
     user_env = [{"name": item["name"], "value": item.get("value", "")} for item in runtime.get("env", [])]
