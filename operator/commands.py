@@ -34,18 +34,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(handler=cmd_run)
 
-    dev = subparsers.add_parser("dev", help="the embedded default: emulated cluster + real operator",
+    dev = subparsers.add_parser("dev", help="the embedded default: emulated cluster + real operator + a narrated tour",
                                 description="Start an emulated Kubernetes API on loopback, run the real operator "
-                                            "against it, apply a DigitalWorker and show what it reconciles. "
-                                            "Leaves the API up until Ctrl-C; the kubeconfig path is printed.")
+                                            "against it with simulated SGLang replicas, and run a scripted tour: "
+                                            "deploy, traffic ramps and the autoscaler scales out, a canary is "
+                                            "promoted, a bad version is rolled back, a GPU fault is healed. Ends "
+                                            "with a report (charts and a summary). --no-tour only applies the "
+                                            "manifest and serves until Ctrl-C; the kubeconfig path is printed.")
     dev.add_argument("-f", "--filename", default=None,
                      help="DigitalWorker manifest to apply (default: the bundled examples/digitalworker.yaml)")
     dev.add_argument("--kubeconfig-out", default=".digital-worker/kubeconfig",
                      help="where to write the emulated cluster's kubeconfig (default: %(default)s)")
+    dev.add_argument("--scenario", default="tour", choices=("tour", "autoscale", "canary", "rollback", "gpu-fault"),
+                     help="the whole tour, or one story of it (default: %(default)s)")
+    dev.add_argument("--no-tour", action="store_true", help="no tour: apply the manifest and serve (until Ctrl-C "
+                                                            "or --duration)")
+    dev.add_argument("--headless", action="store_true", help="no live view: plain narrated lines")
+    dev.add_argument("--speed", type=float, default=1.0,
+                     help="compress the tour's clock: intervals and durations of the applied spec and the load "
+                          "trace divided by this, within the schema's floors (default: %(default)s; CI uses 10)")
+    dev.add_argument("--prometheus", default=None, metavar="URL",
+                     help="Prometheus for the operator (default: start `prometheus` from PATH if there is one, "
+                          "else the in-process scraper; 'off' forces in-process)")
+    dev.add_argument("--report", default=".digital-worker/report", metavar="DIR",
+                     help="where the tour writes its charts and summary (default: %(default)s)")
     dev.add_argument("--duration", type=float, default=None,
-                     help="stop after this many seconds instead of waiting for Ctrl-C")
+                     help="with --no-tour: stop after this many seconds instead of waiting for Ctrl-C")
     dev.add_argument("--timeout", type=float, default=60.0,
-                     help="seconds to wait for the DigitalWorker to become Ready (default: %(default)s)")
+                     help="with --no-tour: seconds to wait for the DigitalWorker to become Ready (default: %(default)s)")
     dev.set_defaults(handler=cmd_dev)
 
     emulated = subparsers.add_parser(
@@ -119,7 +135,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from digital_worker.operator.dev import run_dev
 
     return run_dev(manifest=args.filename, kubeconfig_out=args.kubeconfig_out, duration=args.duration,
-                   timeout=args.timeout)
+                   timeout=args.timeout, tour=not args.no_tour, scenario=args.scenario, headless=args.headless,
+                   speed=args.speed, prometheus=args.prometheus, report_dir=args.report)
 
 
 def cmd_emulated_cluster(args: argparse.Namespace) -> int:

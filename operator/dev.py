@@ -14,6 +14,9 @@ from digital_worker.operator import schema as api
 from digital_worker.operator.kube import Conflict, KubeClient
 
 
+DEFAULT_REPORT_DIR = ".digital-worker/report"
+
+
 def bundled_example() -> str:
     return resources.files("digital_worker").joinpath("examples/digitalworker.yaml").read_text()
 
@@ -83,7 +86,18 @@ def summary_tables(client: KubeClient, namespace: str | None = None):
     return workers, children
 
 
-def run_dev(*, manifest: str | None, kubeconfig_out: str, duration: float | None, timeout: float) -> int:
+def run_dev(*, manifest: str | None, kubeconfig_out: str, duration: float | None, timeout: float,
+            tour: bool = False, scenario: str = "tour", headless: bool = False, speed: float = 1.0,
+            prometheus: str | None = None, report_dir: str | None = None) -> int:
+    """`tour=False`: apply the manifest, show what it reconciles and serve (until Ctrl-C or `duration`).
+    Otherwise run the scripted tour (operator/tour.py) and write its report."""
+    if tour:
+        return run_tour(manifest=manifest, kubeconfig_out=kubeconfig_out, scenario=scenario, headless=headless,
+                        speed=speed, prometheus=prometheus, report_dir=report_dir or DEFAULT_REPORT_DIR)
+    return serve(manifest=manifest, kubeconfig_out=kubeconfig_out, duration=duration, timeout=timeout)
+
+
+def serve(*, manifest: str | None, kubeconfig_out: str, duration: float | None, timeout: float) -> int:
     import yaml
     from rich.console import Console
 
@@ -133,3 +147,175 @@ def run_dev(*, manifest: str | None, kubeconfig_out: str, duration: float | None
             else:
                 stop.wait(duration)
             return 0 if phase == "Ready" else 1
+
+
+# --- the tour ----------------------------------------------------------------------------------------
+
+class LiveView:
+    """What the tour shows on a terminal: the workers, their revisions and replicas, load vs forecast,
+    TTFT, the autoscaler's last decision and why, and the narration's last lines."""
+
+    def __init__(self, console, tour) -> None:
+        from collections import deque
+
+        self.console, self.tour = console, tour
+        self.lines: deque[str] = deque(maxlen=12)
+        self.live = None
+
+    def narrate(self, text: str) -> None:
+        self.lines.append(f"[dim]{self.tour.now():6.1f}s[/] {text}" if self.tour else text)
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+
+        sample = self.tour.recorder.latest()
+        table = Table(title="DigitalWorkers", expand=True)
+        for column in ("Worker", "Phase", "Stable", "Canary (weight)", "Ready/Desired", "Load: actual / forecast",
+                       "TTFT p95", "Last decision (why)"):
+            table.add_column(column, overflow="fold")
+        if sample:
+            canary = "-"
+            if sample.get("rollout_phase") in ("Progressing", "Paused"):
+                canary = f"{sample.get('rollout_revision')} ({sample.get('canary_weight')}%)"
+            elif sample.get("rollout_phase"):
+                canary = f"{sample.get('rollout_revision')} {sample.get('rollout_phase')}"
+            forecast = sample.get("forecast")
+            ttft = sample.get("ttft_p95")
+            table.add_row(
+                self.tour.name, str(sample.get("phase")), str(sample.get("stable_revision")), canary,
+                f"{sample.get('ready')}/{sample.get('replicas')} (autoscaler {sample.get('desired', '-')})",
+                f"{sample.get('rate', 0):.1f} / {forecast:.1f} req/s" if forecast is not None else
+                f"{sample.get('rate', 0):.1f} req/s / no forecast yet",
+                f"{ttft:.2f}s" if ttft is not None else "-",
+                f"{sample.get('decision')}: {(sample.get('reason') or '')[:90]}")
+        return Group(table, Panel("\n".join(self.lines), title=f"tour at x{self.tour.timing.speed:g}"))
+
+    def __enter__(self) -> "LiveView":
+        from rich.live import Live
+
+        self.live = Live(self, console=self.console, refresh_per_second=2, transient=False)
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+
+def start_gpu_agents(cluster: Any) -> Any | None:
+    """Simulated node agents with GPU fault injection (operator/simnodes.py), when this build has them."""
+    try:
+        from digital_worker.operator import simnodes
+    except ImportError:
+        return None
+    for entry in ("start_for_cluster", "start_simulated_nodes", "start_node_agents"):
+        if hasattr(simnodes, entry):
+            return getattr(simnodes, entry)(cluster)
+    return None
+
+
+def _prometheus_for_tour(prometheus: str | None, workdir: Path):
+    """(URL or None, launcher we own or None): an explicit URL, `off`, or a `prometheus` on PATH."""
+    from digital_worker.operator import devprom
+
+    if prometheus and prometheus.lower() not in ("off", "none"):
+        return prometheus, None
+    if prometheus is None and devprom.prometheus_binary():
+        launcher = devprom.PrometheusLauncher(workdir)
+        launcher.start()
+        return launcher.url, launcher
+    return None, None
+
+
+def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headless: bool, speed: float,
+             prometheus: str | None, report_dir: str) -> int:
+    import contextlib
+    import shutil
+    import tempfile
+
+    import yaml
+    from rich.console import Console
+
+    from digital_worker.operator import devprom
+    from digital_worker.operator.commands import load_manifest
+    from digital_worker.operator.emulator import EmulatedCluster
+    from digital_worker.operator.report import write_report
+    from digital_worker.operator.runner import OperatorThread
+    from digital_worker.operator.simpods import SimulatedSglangPods
+    from digital_worker.operator.tour import SCENARIOS, Tour, TourTiming
+
+    console = Console(width=None if Console().is_terminal else 132)
+    live_view = console.is_terminal and not headless
+    body = load_manifest(manifest) if manifest else yaml.safe_load(bundled_example())
+    namespace = body["metadata"].setdefault("namespace", "default")
+    logging.basicConfig(level=logging.ERROR)
+    # Streams cut when the load stops at the end are expected, not worth a traceback each.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    timing = TourTiming.for_speed(speed)
+    runtime = SimulatedSglangPods()
+    workdir = Path(tempfile.mkdtemp(prefix="dw-dev-"))
+    stack = contextlib.ExitStack()
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        prometheus_url, launcher = _prometheus_for_tour(prometheus, workdir / "prometheus")
+        if launcher is not None:
+            stack.callback(launcher.stop)
+        cluster = stack.enter_context(EmulatedCluster(kubeconfig=Path(kubeconfig_out).resolve(),
+                                                      namespaces=("default", namespace), runtime=runtime))
+        console.print(f"[bold]Emulated Kubernetes API[/] at {cluster.url}; kubeconfig: [cyan]{cluster.kubeconfig_path}[/]")
+        gpu_agents = start_gpu_agents(cluster)
+        if gpu_agents is not None and hasattr(gpu_agents, "stop"):
+            stack.callback(gpu_agents.stop)
+        env = {"DW_PROMETHEUS_URL": prometheus_url} if prometheus_url else {}
+        stack.enter_context(OperatorThread(str(cluster.kubeconfig_path), resync_seconds=10, env=env))
+        client = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
+        console.print("[bold]Operator[/] running (kopf, real handlers); metrics: " +
+                      (f"Prometheus at {prometheus_url}" if prometheus_url else "in-process scraper (no Prometheus)"))
+        view: LiveView | None = None
+        tour = Tour(kube=client, runtime=runtime, body=body, timing=timing, prometheus_url=prometheus_url,
+                    gpu_faults=gpu_agents, narrate=lambda text: view.narrate(text) if view else
+                    console.print(f"[{tour.now():6.1f}s] {text}", highlight=False))
+        if launcher is not None:
+            extra = None
+            if gpu_agents is not None and hasattr(gpu_agents, "scrape_targets"):
+                extra = lambda: {job: (targets, labels) for job, targets, labels in _agent_jobs(gpu_agents)}
+            sync = devprom.PodTargetSync(launcher, client, tour.namespace, tour.name, extra_jobs=extra).start()
+            stack.callback(sync.stop)
+        steps = SCENARIOS[scenario]
+        console.print(f"Scenario [bold]{scenario}[/]: {' → '.join(steps)} (speed x{timing.speed:g}); "
+                      f"load: {tour.trace.source}")
+        if live_view:
+            with LiveView(console, tour) as view:
+                results = tour.run(steps)
+            view = None
+        else:
+            results = tour.run(steps)
+        paths = write_report(tour.dump(), report_dir)
+        console.print(f"Report: [cyan]{Path(report_dir).resolve()}[/] ({', '.join(p.name for p in paths)})")
+        ok = all(r.ok for r in results) and len(results) == len(steps)
+        console.print(f"Tour {'finished' if ok else 'interrupted' if tour.interrupted else 'FAILED'} in "
+                      f"{time.monotonic() - started:.0f}s: " +
+                      ", ".join(f"{r.name} {'skipped' if r.skipped else 'ok' if r.ok else 'FAILED'}" for r in results))
+        return 0 if ok else 130 if tour.interrupted else 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    finally:
+        stack.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _agent_jobs(gpu_agents: Any) -> list[tuple[str, list[str], dict[str, str]]]:
+    """Normalise the simulated node agents' scrape targets to (job, targets, labels)."""
+    jobs = []
+    for index, item in enumerate(gpu_agents.scrape_targets()):
+        if isinstance(item, dict):
+            jobs.append((item.get("job", f"gpu-agent-{index}"), list(item.get("targets", [])),
+                         dict(item.get("labels", {}))))
+        else:
+            job, targets, labels = item
+            jobs.append((job, list(targets), dict(labels)))
+    return jobs
