@@ -93,7 +93,8 @@ def run_dev(*, manifest: str | None, kubeconfig_out: str, duration: float | None
     Otherwise run the scripted tour (operator/tour.py) and write its report."""
     if tour:
         return run_tour(manifest=manifest, kubeconfig_out=kubeconfig_out, scenario=scenario, headless=headless,
-                        speed=speed, prometheus=prometheus, report_dir=report_dir or DEFAULT_REPORT_DIR)
+                        speed=speed, prometheus=prometheus, report_dir=report_dir or DEFAULT_REPORT_DIR,
+                        duration=duration)
     return serve(manifest=manifest, kubeconfig_out=kubeconfig_out, duration=duration, timeout=timeout)
 
 
@@ -207,13 +208,10 @@ class LiveView:
 def start_gpu_agents(cluster: Any) -> Any | None:
     """Simulated node agents with GPU fault injection (operator/simnodes.py), when this build has them."""
     try:
-        from digital_worker.operator import simnodes
+        from digital_worker.operator.simnodes import start_simulated_node_agents
     except ImportError:
         return None
-    for entry in ("start_for_cluster", "start_simulated_nodes", "start_node_agents"):
-        if hasattr(simnodes, entry):
-            return getattr(simnodes, entry)(cluster)
-    return None
+    return start_simulated_node_agents(cluster)
 
 
 def _prometheus_for_tour(prometheus: str | None, workdir: Path):
@@ -230,7 +228,10 @@ def _prometheus_for_tour(prometheus: str | None, workdir: Path):
 
 
 def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headless: bool, speed: float,
-             prometheus: str | None, report_dir: str) -> int:
+             prometheus: str | None, report_dir: str, duration: float | None = None) -> int:
+    """The tour; exit 0 when every step passed (or was skipped), or when `duration` cut it short
+    without a failure; 130 on Ctrl-C/SIGTERM (the report is written either way)."""
+    import _thread
     import contextlib
     import shutil
     import tempfile
@@ -244,7 +245,7 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
     from digital_worker.operator.report import write_report
     from digital_worker.operator.runner import OperatorThread
     from digital_worker.operator.simpods import SimulatedSglangPods
-    from digital_worker.operator.tour import SCENARIOS, Tour, TourTiming
+    from digital_worker.operator.tour import SCENARIOS, Tour, TourTiming, verdict
 
     console = Console(width=None if Console().is_terminal else 132)
     live_view = console.is_terminal and not headless
@@ -258,6 +259,7 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
     workdir = Path(tempfile.mkdtemp(prefix="dw-dev-"))
     stack = contextlib.ExitStack()
     started = time.monotonic()
+    timed_out = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         prometheus_url, launcher = _prometheus_for_tour(prometheus, workdir / "prometheus")
@@ -285,6 +287,11 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
             sync = devprom.PodTargetSync(launcher, client, tour.namespace, tour.name, extra_jobs=extra).start()
             stack.callback(sync.stop)
         steps = SCENARIOS[scenario]
+        if duration is not None:  # stop like Ctrl-C would: the report is still written
+            timer = threading.Timer(duration, lambda: (timed_out.set(), _thread.interrupt_main()))
+            timer.daemon = True
+            timer.start()
+            stack.callback(timer.cancel)
         console.print(f"Scenario [bold]{scenario}[/]: {' → '.join(steps)} (speed x{timing.speed:g}); "
                       f"load: {tour.trace.source}")
         if live_view:
@@ -296,13 +303,17 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
         paths = write_report(tour.dump(), report_dir)
         console.print(f"Report: [cyan]{Path(report_dir).resolve()}[/] ({', '.join(p.name for p in paths)})")
         ok = all(r.ok for r in results) and len(results) == len(steps)
-        console.print(f"Tour {'finished' if ok else 'interrupted' if tour.interrupted else 'FAILED'} in "
-                      f"{time.monotonic() - started:.0f}s: " +
-                      ", ".join(f"{r.name} {'skipped' if r.skipped else 'ok' if r.ok else 'FAILED'}" for r in results))
-        return 0 if ok else 130 if tour.interrupted else 1
+        failed = any(not r.ok and not r.interrupted for r in results)
+        state = "finished" if ok else f"stopped after --duration {duration:g}s" if timed_out.is_set() else \
+            "interrupted" if tour.interrupted else "FAILED"
+        console.print(f"Tour {state} in {time.monotonic() - started:.0f}s: " +
+                      ", ".join(f"{r.name} {verdict(r)}" for r in results))
+        if ok or (timed_out.is_set() and not failed):
+            return 0
+        return 130 if tour.interrupted else 1
     except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
+        console.print("stopped" if timed_out.is_set() else "interrupted")
+        return 0 if timed_out.is_set() else 130
     finally:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -313,8 +324,9 @@ def _agent_jobs(gpu_agents: Any) -> list[tuple[str, list[str], dict[str, str]]]:
     jobs = []
     for index, item in enumerate(gpu_agents.scrape_targets()):
         if isinstance(item, dict):
-            jobs.append((item.get("job", f"gpu-agent-{index}"), list(item.get("targets", [])),
-                         dict(item.get("labels", {}))))
+            labels = dict(item.get("labels", {}))
+            jobs.append((item.get("job", f"gpu-agent-{labels.get('node', index)}"), list(item.get("targets", [])),
+                         labels))
         else:
             job, targets, labels = item
             jobs.append((job, list(targets), dict(labels)))

@@ -110,7 +110,8 @@ def summary_markdown(data: dict[str, Any], charts: list[Path]) -> str:
         "| step | start (s) | duration (s) | outcome | detail |", "|---|---|---|---|---|",
     ]
     for step in steps:
-        verdict = "skipped" if step["skipped"] else "ok" if step["ok"] else "FAILED"
+        verdict = "interrupted" if step.get("interrupted") else "skipped" if step["skipped"] else \
+            "ok" if step["ok"] else "FAILED"
         detail = str(step["detail"]).replace("|", "\\|")
         lines.append(f"| {step['title']} | {step['started']:.1f} | {step['finished'] - step['started']:.1f} | "
                      f"{verdict} | {detail} |")

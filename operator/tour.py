@@ -108,6 +108,7 @@ class StepResult:
     title: str
     ok: bool = False
     skipped: bool = False
+    interrupted: bool = False  # Ctrl-C, SIGTERM or --duration stopped the tour during this step
     started: float = 0.0  # seconds since the tour started
     finished: float = 0.0
     detail: str = ""
@@ -305,16 +306,16 @@ class Tour:
                 try:
                     getattr(self, "step_" + name.replace("-", "_"))(result)
                 except KeyboardInterrupt:
-                    self.interrupted = True
-                    result.detail = "interrupted (Ctrl-C)"
+                    self.interrupted = result.interrupted = True
+                    result.detail = "interrupted"
+                    result.finished = round(self.now(), 2)
                     self.results.append(result)
                     break
                 except Exception as exc:  # a broken step is reported, and the tour stops there
                     result.ok, result.detail = False, f"{type(exc).__name__}: {exc}"
                 result.finished = round(self.now(), 2)
                 self.results.append(result)
-                verdict = "skipped" if result.skipped else "ok" if result.ok else "FAILED"
-                self.narrate(f"  {verdict} in {result.finished - result.started:.1f}s: {result.detail}")
+                self.narrate(f"  {verdict(result)} in {result.finished - result.started:.1f}s: {result.detail}")
                 if not result.ok and not result.skipped:
                     break
         except KeyboardInterrupt:
@@ -427,27 +428,34 @@ class Tour:
             result.detail = ("not available: simulated node agents (operator/simnodes.py) are not in this build, "
                              "so no GPU can fail")
             return
-        pods = [p for p in self._pods() if _ready(p)]
-        if not pods:
-            result.detail = "no ready replica to break"
+        status = self.status()
+        stable = status.get("stableRevision") or status.get("currentRevision")
+        ready = {p["metadata"]["name"] for p in self._pods()
+                 if _ready(p) and p["metadata"]["labels"].get(api.LABEL_REVISION) == stable}
+        holding = sorted(pod for (namespace, pod) in self.gpu_faults.gpu_assignments()
+                         if namespace == self.namespace and pod in ready)
+        if not holding:
+            result.detail = "no ready replica holds a simulated GPU"
             return
-        victim = sorted(pods, key=lambda p: p["metadata"]["name"])[0]
-        name, node = victim["metadata"]["name"], (victim.get("spec") or {}).get("nodeName")
-        self.narrate(f"  GPU fault (XID 79, fallen off the bus) on the GPU of replica {name} (node {node})")
-        self.gpu_faults.inject_gpu_fault(name, xid=79)
+        fault = self.gpu_faults.inject_gpu_fault(f"{self.namespace}/{holding[0]}", xid=79)
+        name, node = holding[0], fault.node
+        self.narrate(f"  GPU fault: XID 79 (fallen off the bus) on {node} GPU {fault.gpu} ({fault.uuid}), "
+                     f"held by replica {name}")
         gone = self.wait(lambda: name not in {p["metadata"]["name"] for p in self._pods()}, self.timing.step_timeout)
         if not gone:
             result.detail = f"replica {name} was not replaced within {self.timing.step_timeout:.0f}s"
             return
         self.narrate(f"  replica {name} deleted by the operator; the Deployment starts a new one")
-        replicas = int(self.worker()["spec"]["replicas"])
-        back = self.wait(lambda: sum(_ready(p) for p in self._pods()) >= replicas, 60)
+        deployment = lambda: self._deployments().get(stable) or {}  # noqa: E731
+        back = self.wait(lambda: int((deployment().get("status") or {}).get("readyReplicas", 0) or 0) >=
+                         int((deployment().get("spec") or {}).get("replicas", 1)), 60)
+        replicas = int((deployment().get("spec") or {}).get("replicas", 0))
         health = self.status().get("gpuHealth") or {}
         node_taints = [t.get("key") for t in ((self.kube.get("v1", "nodes", None, node) or {}).get("spec") or {})
                        .get("taints") or []] if node else []
         result.facts = {"pod": name, "node": node, "replaced": True, "gpuHealth": health, "node_taints": node_taints}
         result.ok = bool(back)
-        result.detail = (f"replica {name} replaced; {replicas} ready again; node {node} taints: "
+        result.detail = (f"replica {name} replaced; {replicas} ready again on revision {stable}; node {node} taints: "
                          f"{', '.join(node_taints) or 'none'}")
 
     def _deployments(self) -> dict[str, dict[str, Any]]:
@@ -474,6 +482,10 @@ class Tour:
             "events": list(self.recorder.events),
             "requests": _request_totals(self.loadgen),
         }
+
+
+def verdict(result: StepResult) -> str:
+    return "interrupted" if result.interrupted else "skipped" if result.skipped else "ok" if result.ok else "FAILED"
 
 
 def _ready(pod: dict[str, Any]) -> bool:
