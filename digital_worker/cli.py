@@ -14,6 +14,7 @@ import sys
 # Order is the order shown in --help.
 COMMAND_MODULES = (
     "digital_worker.operator.cli",
+    "digital_worker.operator.user_commands",
     "digital_worker.operator.autoscaling.cli",
     "digital_worker.runtime.cli",
     "digital_worker.agents.cli",
