@@ -304,8 +304,10 @@ def samples_from_exposition(text: str, target_labels: dict[str, str] | None = No
     result = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in HEALTH_METRICS:
-                result.append({"metric": {**(target_labels or {}), **sample.labels, "__name__": sample.name},
+            # The parser appends `_total` to a counter's samples; Prometheus keeps the name as exposed.
+            name = family.name if sample.name == f"{family.name}_total" else sample.name
+            if name in HEALTH_METRICS:
+                result.append({"metric": {**(target_labels or {}), **sample.labels, "__name__": name},
                                "value": [0, repr(float(sample.value))]})
     return samples_from_query_result(result)
 

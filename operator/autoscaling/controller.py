@@ -121,11 +121,12 @@ class Autoscaler:
 
     # -- reading metrics --------------------------------------------------------------------------
     async def _read(self, source: MetricsSource, selector: str, window: float, step: float, now: float,
-                    names=None) -> MetricHistory:
+                    names=None, gpu_pods=None) -> MetricHistory:
+        extra = {"gpu_pods": gpu_pods} if gpu_pods is not None else {}
         if getattr(source, "blocking", True) is False:
-            return source.history(selector, window, step, now, names)
+            return source.history(selector, window, step, now, names, **extra)
         try:
-            return await asyncio.to_thread(source.history, selector, window, step, now, names)
+            return await asyncio.to_thread(source.history, selector, window, step, now, names, **extra)
         except Exception as exc:  # a source that raises is treated like one that is down
             return MetricHistory.failed(f"{type(exc).__name__}: {exc}")
 
@@ -207,10 +208,12 @@ class Autoscaler:
         *,
         selector: str | None = None,
         node_provisioning_seconds: float = 0.0,
+        gpu_pods: tuple[str, tuple[str, ...]] | None = None,
     ) -> tuple[Decision, dict]:
         """Decide for one DigitalWorker. `key` is "namespace/name"; `selector` the PromQL label
         matcher of its pods' series, all revisions (default: `key`, the in-memory source's naming);
-        `node_provisioning_seconds` is added to the lead time when new replicas need new nodes."""
+        `node_provisioning_seconds` is added to the lead time when new replicas need new nodes;
+        `gpu_pods` (namespace, pod names) lets the source add the node agents' GPU series."""
         now = time.time() if now is None else now
         entry = self._entries.setdefault(key, _Entry())
         try:
@@ -228,7 +231,8 @@ class Autoscaler:
 
         lead = lead_time_seconds(spec, entry.policy_state) + max(0.0, node_provisioning_seconds)
         short_window = max(12 * spec.interval_seconds, 300.0)
-        history = await self._read(source, selector, short_window, spec.interval_seconds, now)
+        history = await self._read(source, selector, short_window, spec.interval_seconds, now,
+                                   gpu_pods=gpu_pods)
         if history.error is None:
             await self._refresh_demand(entry, source, selector, now)
             self._maybe_start_fit(entry, spec, now, lead)

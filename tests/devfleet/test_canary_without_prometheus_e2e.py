@@ -28,6 +28,7 @@ def worker(name: str) -> dict:
     body = copy.deepcopy(body)
     body["metadata"] = {"name": name, "namespace": NAMESPACE}
     body["spec"]["runtime"].pop("apiKeySecretRef")
+    body["spec"].pop("fallback", None)  # one story at a time: no fallback model's pods
     body["spec"]["replicas"] = 2
     body["spec"]["autoscaling"] = {"mode": "Off"}
     body["spec"]["rollout"] = {
