@@ -36,10 +36,15 @@ from .history import (
 )
 
 
+# (namespace, pod names) of one worker: the node agents attribute GPUs to pods, not to workers.
+GpuPods = tuple[str, tuple[str, ...]]
+
+
 class MetricsSource(Protocol):
     def history(self, selector: str, window_seconds: float, step: float, now: float | None = None,
-                names: Sequence[str] | None = None) -> MetricHistory:
-        """Samples every `step` seconds over the last `window_seconds` (only `names`, when given)."""
+                names: Sequence[str] | None = None, gpu_pods: GpuPods | None = None) -> MetricHistory:
+        """Samples every `step` seconds over the last `window_seconds` (only `names`, when given);
+        GPU series too when `gpu_pods` names the worker's pods and a source can see their GPUs."""
         ...
 
 
@@ -53,10 +58,28 @@ def _matchers(metric: str, selector: str) -> str:
     return "{" + sglang_name(metric) + (f",{selector}" if selector else "") + "}"
 
 
+def _gpu_series(metric: str, namespace: str, pods: Sequence[str]) -> str:
+    """A DCGM-style series of the GPUs held by `pods`. The node agents label each GPU with the pod
+    using it; scraped as a pod themselves those labels arrive as exported_pod/exported_namespace."""
+    # Pod names are DNS labels: only the dot needs escaping (as `\\.` inside a PromQL string).
+    names = "|".join(pod.replace(".", "\\\\.") for pod in sorted(pods))
+    return (f'({metric}{{exported_namespace="{namespace}",exported_pod=~"{names}"}} or '
+            f'{metric}{{namespace="{namespace}",pod=~"{names}"}})')
+
+
+def gpu_queries(namespace: str, pods: Sequence[str]) -> dict[str, str]:
+    """Mean GPU utilisation (0..1) and the fullest GPU's memory share of a worker's pods."""
+    used = _gpu_series("DCGM_FI_DEV_FB_USED", namespace, pods)
+    free = _gpu_series("DCGM_FI_DEV_FB_FREE", namespace, pods)
+    return {
+        GPU_UTILIZATION: f"avg({_gpu_series('DCGM_FI_DEV_GPU_UTIL', namespace, pods)}) / 100",
+        GPU_MEMORY_USED: f"max({used} / ({used} + {free}))",
+    }
+
+
 def promql_queries(selector: str, rate_window_seconds: float) -> dict[str, str]:
-    """The PromQL for each series of a MetricHistory (GPU series only with a DCGM-style exporter)."""
+    """The PromQL for each SGLang series of a MetricHistory (GPU series: `gpu_queries`)."""
     window = f"{max(1, int(round(rate_window_seconds)))}s"
-    raw_selector = selector.strip().strip("{}").strip()
     return {
         REQUEST_RATE: f"sum(rate({_matchers('num_requests_total', selector)}[{window}]))",
         PROMPT_TOKEN_RATE: f"sum(rate({_matchers('prompt_tokens_total', selector)}[{window}]))",
@@ -72,11 +95,6 @@ def promql_queries(selector: str, rate_window_seconds: float) -> dict[str, str]:
         ITL_P95: (
             "histogram_quantile(0.95, sum by (le) "
             f"(rate({_matchers('(inter_token_latency|time_per_output_token)_seconds_bucket', selector)}[{window}])))"
-        ),
-        GPU_UTILIZATION: f"avg(DCGM_FI_DEV_GPU_UTIL{{{raw_selector}}}) / 100",
-        GPU_MEMORY_USED: (
-            f"sum(DCGM_FI_DEV_FB_USED{{{raw_selector}}}) / "
-            f"(sum(DCGM_FI_DEV_FB_USED{{{raw_selector}}}) + sum(DCGM_FI_DEV_FB_FREE{{{raw_selector}}}))"
         ),
     }
 
@@ -98,16 +116,15 @@ class PrometheusMetricsSource:
         self._client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_seconds, retry=retry)
 
     def history(self, selector: str, window_seconds: float, step: float, now: float | None = None,
-                names: Sequence[str] | None = None) -> MetricHistory:
+                names: Sequence[str] | None = None, gpu_pods: GpuPods | None = None) -> MetricHistory:
         now = time.time() if now is None else now
         step = max(1.0, float(step))
         rate_window = self.rate_window_seconds or max(60.0, 2 * step)
         queries = promql_queries(selector, rate_window)
+        if self.include_gpu and gpu_pods is not None and gpu_pods[1]:
+            queries.update(gpu_queries(*gpu_pods))
         if names is not None:
             queries = {name: query for name, query in queries.items() if name in names}
-        elif not self.include_gpu:
-            queries = {name: query for name, query in queries.items()
-                       if name not in (GPU_UTILIZATION, GPU_MEMORY_USED)}
         start = datetime.fromtimestamp(now - window_seconds, tz=timezone.utc)
         end = datetime.fromtimestamp(now, tz=timezone.utc)
         columns: dict[str, dict[float, float]] = {}
@@ -277,7 +294,7 @@ class InMemoryMetricsSource:
             self._last_scrape.pop(selector, None)
 
     def history(self, selector: str, window_seconds: float, step: float, now: float | None = None,
-                names: Sequence[str] | None = None) -> MetricHistory:
+                names: Sequence[str] | None = None, gpu_pods: GpuPods | None = None) -> MetricHistory:
         now = time.time() if now is None else now
         step = max(1e-3, float(step))
         with self._lock:

@@ -18,7 +18,16 @@ import math
 from dataclasses import dataclass, replace
 
 from .forecast import Forecast
-from .history import ITL_P95, KV_CACHE_USAGE, QUEUE_LENGTH, REQUEST_RATE, TTFT_P95, MetricHistory
+from .history import (
+    GPU_MEMORY_USED,
+    GPU_UTILIZATION,
+    ITL_P95,
+    KV_CACHE_USAGE,
+    QUEUE_LENGTH,
+    REQUEST_RATE,
+    TTFT_P95,
+    MetricHistory,
+)
 from .spec import AutoscalingSpec
 
 SCALE_UP = "ScaleUp"
@@ -91,6 +100,9 @@ class ForecastPolicy:
     STALE_TICKS = 3
     # Share of the fleet added per consecutive tick of a breached threshold.
     BREACH_STEP = 0.1
+    # GPU utilisation (node agents, when present) at which the GPUs count as busy: no scale-down
+    # then; busy GPUs with requests waiting count as a breach even before TTFT shows it.
+    GPU_BUSY = 0.9
 
     def initial_state(self) -> ForecastPolicyState:
         return ForecastPolicyState()
@@ -118,8 +130,13 @@ class ForecastPolicy:
             # or prompts longer than assumed. Step the estimate down a little at a time, so one
             # burst costs little and a real shortfall is corrected within minutes.
             streak = state.overload_streak + 1
-            step_down = 0.97 if streak < 3 else 0.9
-            capacity = max(0.3 * start, min(capacity, per_replica) * step_down)
+            if streak >= 2:  # one tick over the SLO is a burst; two in a row are a pattern
+                step_down = 0.97 if streak < 4 else 0.9
+                capacity = max(0.3 * start, min(capacity, per_replica) * step_down)
+        elif ttft <= 0.5 * slo and queue <= ready and capacity < per_replica and capacity < start:
+            # A load served comfortably within the SLO is sustainable: an estimate knocked down
+            # below it (by bursts) comes back up to what was observed, at most to the spec's value.
+            capacity = min(start, per_replica)
         elif ttft <= 0.25 * slo and queue <= ready and per_replica >= 0.9 * capacity:
             # Far within the SLO at close to the estimate: the estimate is too modest. Probe
             # upwards slowly (TTFT is a hockey stick; an overload will bring it back down).
@@ -226,7 +243,11 @@ class ForecastPolicy:
             recommendations = ((context.now, current),) + recommendations
         state = replace(state, recommendations=recommendations)
         desired = target
-        if target < current:
+        gpu = history.latest(GPU_UTILIZATION)
+        if target < current and gpu is not None and gpu >= self.GPU_BUSY:
+            desired = current
+            reasons.append(f"no scale-down while the GPUs are {gpu:.0%} busy")
+        elif target < current:
             stabilized = max(r for _, r in recommendations)
             desired = max(target, min(current, stabilized), current - spec.scale_down.max_step_replicas)
             if desired > target:
@@ -258,6 +279,13 @@ class ForecastPolicy:
         kv = history.latest(KV_CACHE_USAGE)
         if kv is not None and kv > spec.reactive.kv_cache_usage:
             return f"KV-cache usage {kv:.0%} above {spec.reactive.kv_cache_usage:.0%}"
+        gpu_memory = history.latest(GPU_MEMORY_USED)
+        if kv is None and gpu_memory is not None and gpu_memory > spec.reactive.kv_cache_usage:
+            # No KV-cache gauge (another exporter): the cache lives in GPU memory, the next best sign.
+            return f"GPU memory {gpu_memory:.0%} used (no KV-cache gauge) above {spec.reactive.kv_cache_usage:.0%}"
+        gpu = history.latest(GPU_UTILIZATION)
+        if gpu is not None and gpu >= self.GPU_BUSY and queue is not None and queue > ready:
+            return f"GPUs {gpu:.0%} busy with {queue:.0f} requests waiting"
         ttft = history.latest(TTFT_P95)
         if ttft is not None and ttft > spec.reactive_ttft_seconds:
             return f"TTFT p95 {ttft:.2f}s above {spec.reactive_ttft_seconds:g}s"

@@ -289,3 +289,42 @@ async def test_replicas_follow_a_ramp_end_to_end(prometheus, mode):
         assert status["mode"] == "DryRun" and status["desiredReplicas"] >= 4
         assert "lastScaleTime" not in status
     assert counts.get(200, 0) > 100
+
+
+async def test_prometheus_source_reads_the_node_agents_gpu_series(tmp_path, prometheus):
+    """GPU utilisation and memory of a worker's pods, from a real node agent (fake NVML, GPUs
+    attributed to pods through a pod-resources socket) scraped by a real Prometheus."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
+    from agent_process import AgentProcess
+    from kubelet_fake import FakeKubelet
+
+    from digital_worker.operator.autoscaling.history import GPU_MEMORY_USED, GPU_UTILIZATION
+
+    def uuid(index: int) -> str:
+        return f"GPU-fa4e0000-0000-4000-8000-{index:012d}"
+
+    socket_path = f"/tmp/dw-autoscale-gpu-{os.getpid()}.sock"
+    with FakeKubelet(socket_path) as kubelet:
+        kubelet.servicer.set_pods([("bot-a", "ai", "sglang", "nvidia.com/gpu", [uuid(0)]),
+                                   ("bot-b", "ai", "sglang", "nvidia.com/gpu", [uuid(1)]),
+                                   ("other", "ai", "sglang", "nvidia.com/gpu", [uuid(2)])])
+        with AgentProcess(tmp_path, fake_gpus=3, pod_resources_socket=socket_path,
+                          fake_config={"gpu": {"0": {"gpu_util": 90}, "1": {"gpu_util": 70},
+                                               "2": {"gpu_util": 5}}}) as agent:
+            # Scraped as a pod itself: the agent's pod labels become exported_pod/exported_namespace.
+            await asyncio.to_thread(prometheus.set_targets, "gpu-agent", [f"127.0.0.1:{agent.port}"])
+            await asyncio.to_thread(prometheus.wait_for, 'DCGM_FI_DEV_GPU_UTIL{pod=~"bot-.*"}', 30,
+                                    lambda r: len(r) == 2)
+            source = PrometheusMetricsSource(prometheus.url)
+            history = await asyncio.to_thread(source.history, 'job="dw-none"', 60.0, 5.0, None, None,
+                                              ("ai", ("bot-a", "bot-b")))
+            without_pods = await asyncio.to_thread(source.history, 'job="dw-none"', 60.0, 5.0)
+    assert history.error is None
+    assert history.latest(GPU_UTILIZATION) == pytest.approx(0.8)  # the worker's two GPUs, not the other pod's
+    assert 0 < history.latest(GPU_MEMORY_USED) < 1
+    assert history.latest(REQUEST_RATE) is None  # no SGLang series here: the policy would hold
+    assert without_pods.latest(GPU_UTILIZATION) is None

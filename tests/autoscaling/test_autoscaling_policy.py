@@ -7,6 +7,8 @@ import pytest
 
 from digital_worker.operator.autoscaling.forecast import Forecast
 from digital_worker.operator.autoscaling.history import (
+    GPU_MEMORY_USED,
+    GPU_UTILIZATION,
     ITL_P95,
     KV_CACHE_USAGE,
     QUEUE_LENGTH,
@@ -265,3 +267,66 @@ def test_cold_start_is_learned_from_readiness():
     _, state = run(ForecastPolicy(), the_spec, fleet, lambda t: 2.0 if t < 100 else 20.0, 40)
     assert state.cold_start_seconds == pytest.approx(140.0, abs=TICK)
     assert lead_time_seconds(the_spec, state) == pytest.approx(state.cold_start_seconds + TICK)
+
+
+def with_series(hist: MetricHistory, **values) -> MetricHistory:
+    """`hist` plus constant series (e.g. the node agents' GPU utilisation) at every timestamp."""
+    extra = {name: (value,) * len(hist.timestamps) for name, value in values.items()}
+    return MetricHistory(hist.timestamps, {**hist.series, **extra}, hist.step_seconds)
+
+
+def test_gpu_signals_from_the_node_agents_when_present():
+    policy = ForecastPolicy()
+    calm = Forecast(80.0, 4.0, 4.0, 3.0, 0.9, "holt")
+    # Busy GPUs with requests waiting (below the queue threshold, TTFT still fine): scale up now.
+    busy = with_series(history(1000.0, 7.0, queue=4.0), **{GPU_UTILIZATION: 0.96})
+    decision, _ = policy.decide(PolicyContext(1000.0, spec(), 2, 2, busy, calm, None))
+    assert decision.action == SCALE_UP and "GPUs 96% busy with 4 requests waiting" in decision.reason
+    # The same without GPU series: nothing breached, the demand fits two replicas.
+    decision, _ = policy.decide(PolicyContext(1000.0, spec(), 2, 2, history(1000.0, 7.0, queue=4.0), calm, None))
+    assert decision.action == HOLD
+    # No KV-cache gauge: GPU memory stands in for it.
+    no_kv = history(1000.0, 4.0)
+    no_kv = MetricHistory(no_kv.timestamps, {k: v for k, v in no_kv.series.items() if k != KV_CACHE_USAGE}, TICK)
+    decision, _ = policy.decide(PolicyContext(1000.0, spec(), 2, 2, with_series(no_kv, **{GPU_MEMORY_USED: 0.95}),
+                                              calm, None))
+    assert decision.action == SCALE_UP and "GPU memory 95% used" in decision.reason
+    # With a KV-cache gauge, GPU memory (SGLang preallocates it) is not a load signal.
+    decision, _ = policy.decide(PolicyContext(1000.0, spec(), 2, 2,
+                                              with_series(history(1000.0, 4.0), **{GPU_MEMORY_USED: 0.95}), calm, None))
+    assert decision.action == HOLD
+
+
+def test_no_scale_down_while_the_gpus_are_busy():
+    """Demand drops to almost nothing, but the node agents say the GPUs are still busy: keep them."""
+    fleet = FakeFleet(6)
+
+    def metrics(now, rate, fleet):
+        hist = history(now, rate)
+        return with_series(hist, **{GPU_UTILIZATION: 0.95 if now < 600 else 0.3})
+
+    trace, _ = run(ForecastPolicy(), spec(), fleet, lambda t: 1.0, 50, metrics=metrics)
+    assert all(d == 6 for t, d, _ in trace if t < 600)
+    assert any("no scale-down while the GPUs are 95% busy" in dec.reason for t, _, dec in trace if t >= 200)
+    assert trace[-1][1] == 1  # once they are idle it comes down as usual
+
+
+def test_one_burst_does_not_teach_a_lower_capacity():
+    """A single tick over the SLO at the estimated load (a burst) leaves the capacity estimate alone;
+    an estimate knocked down earlier recovers towards the spec's value while the SLO holds easily."""
+    policy = ForecastPolicy()
+    state = None
+    for i in range(30):
+        now = 1000.0 + i * TICK
+        burst = i == 10
+        hist = history(now, 15.6, ttft=3.0 if burst else 0.8, queue=8.0 if burst else 0.0)
+        decision, state = policy.decide(PolicyContext(now, spec(), 4, 4, hist, None, state))
+        assert decision.capacity_rps == pytest.approx(CAPACITY), i
+    from dataclasses import replace
+
+    state = replace(state, capacity_rps=0.8 * CAPACITY)
+    for i in range(30, 80):
+        now = 1000.0 + i * TICK
+        decision, state = policy.decide(PolicyContext(now, spec(), 5, 5, history(now, 0.95 * CAPACITY * 5), None, state))
+    assert state.capacity_rps == pytest.approx(0.95 * CAPACITY)  # what was served, not more
+
