@@ -362,10 +362,15 @@ def _verdict(report: SmokeReport) -> str:
             f"First failure: {failed[0].name}: {failed[0].detail}")
 
 
+def _title(report: SmokeReport) -> str:
+    worker = f"{report.context['worker']}: " if report.context.get("worker") else ""
+    return f"{worker}smoke test of {report.endpoint} (model {report.model or '?'})"
+
+
 def report_lines(report: SmokeReport) -> Iterator[str]:
     """The report as plain text (no rich): one line per check, the percentiles, a verdict."""
     width = max(len(c.name) for c in report.checks) if report.checks else 8
-    yield f"Smoke test of {report.endpoint} (model {report.model or '?'})"
+    yield _title(report)
     for check in report.checks:
         yield f"  {check.name:<{width}}  {check.status.upper():<4}  {check.seconds:7.3f}s  {check.detail}"
     if report.latency:
@@ -386,7 +391,7 @@ def print_report(report: SmokeReport, file=None) -> None:
             print(line, file=file or sys.stdout)
         return
     console = Console(file=file, width=None if Console(file=file).is_terminal else 132)
-    table = Table(title=f"Smoke test of {report.endpoint} (model {report.model or '?'})")
+    table = Table(title=_title(report))
     for column in ("Check", "Result", "Time", "Detail"):
         table.add_column(column)
     colors = {"pass": "green", "fail": "bold red", "skip": "yellow"}

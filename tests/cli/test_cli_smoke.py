@@ -149,3 +149,17 @@ def test_smoke_client_needs_only_the_standard_library():
     heavy = [m for m in new if m.split(".")[0] in ("kopf", "kubernetes", "rich", "aiohttp", "yaml", "statsmodels")]
     assert heavy == [] and not [m for m in new if m.startswith("digital_worker.operator.") and
                                 m != "digital_worker.operator.user_commands"]
+
+
+def test_plain_text_report_without_rich():
+    from digital_worker.runtime.smoke import CheckResult, LatencySummary, SmokeReport, report_lines
+
+    report = SmokeReport("http://h:1", "m", (CheckResult("health", "pass", "ok", 0.01),
+                                             CheckResult("chat", "fail", "HTTP 500: boom", 0.02)),
+                         LatencySummary(3, 0.01, 0.02, 0.1, 0.2, 16.0), {"worker": "ai/w"})
+    lines = list(report_lines(report))
+    assert lines[0] == "ai/w: smoke test of http://h:1 (model m)"
+    assert any("chat" in line and "FAIL" in line and "HTTP 500: boom" in line for line in lines)
+    assert "TTFT p50 10.0 ms, p95 20.0 ms" in lines[-2]
+    assert lines[-1] == "FAILED 1 of 2 checks: chat. First failure: chat: HTTP 500: boom"
+    assert not report.ok and report.to_dict()["checks"][1]["status"] == "fail"
