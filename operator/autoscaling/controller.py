@@ -19,7 +19,8 @@ from typing import Any, Mapping
 from .forecast import MAX_FIT_BUCKETS, Forecast, IncrementalForecaster, fit_forecaster
 from .history import REQUEST_RATE, MetricHistory
 from .metrics import MetricsSource
-from .policy import HOLD, Decision, ForecastPolicy, ForecastPolicyState, PolicyContext, lead_time_seconds
+from .policy import (HOLD, HOLD_METRICS_MISSING, HOLD_METRICS_STALE, Decision, ForecastPolicy, ForecastPolicyState,
+                     PolicyContext, lead_time_seconds)
 from .spec import AutoscalingSpec, SpecError, parse_spec
 
 INVALID_SPEC = "InvalidSpec"
@@ -51,7 +52,8 @@ class _Entry:
 
 
 class OperatorMetrics:
-    """Prometheus metrics about the autoscaler itself: decisions, forecast error, fit time."""
+    """Prometheus metrics about the autoscaler itself: decisions, replicas (current, desired), the
+    demand forecast and its error, fit time, and whether it holds for lack of metrics."""
 
     def __init__(self, registry=None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -69,6 +71,53 @@ class OperatorMetrics:
         self.desired = Gauge(
             "digitalworker_autoscaler_desired_replicas", "Replicas the autoscaler wants",
             ["namespace", "name"], registry=registry)
+        self.current = Gauge(
+            "digitalworker_autoscaler_current_replicas", "Replicas the worker had when the autoscaler decided",
+            ["namespace", "name"], registry=registry)
+        self.forecast = Gauge(
+            "digitalworker_autoscaler_forecast_requests_per_second", "Demand forecast at the lead time "
+            "(requests/s): the point forecast and its band", ["namespace", "name", "bound"], registry=registry)
+        self.holding = Gauge(
+            "digitalworker_autoscaler_holding", "1 while the autoscaler holds because of this condition "
+            "(MetricsStale, MetricsMissing): it cannot see the load", ["namespace", "name", "condition"],
+            registry=registry)
+        self._hold_conditions: dict[tuple[str, str], set[str]] = {}
+
+    def record(self, namespace: str, name: str, decision: Decision, spec_mode: str, replicas: int,
+               forecast: Forecast | None, forecast_error: float | None) -> None:
+        self.decisions.labels(namespace, name, decision.action, spec_mode).inc()
+        self.desired.labels(namespace, name).set(decision.desired_replicas)
+        self.current.labels(namespace, name).set(replicas)
+        if forecast_error is not None:
+            self.forecast_error.labels(namespace, name).set(forecast_error)
+        if forecast is not None:
+            for bound, value in (("point", forecast.point), ("upper", forecast.upper), ("lower", forecast.lower)):
+                self.forecast.labels(namespace, name, bound).set(value)
+        # Every condition this worker ever held on stays a series: 0 once it clears, so alerts resolve.
+        seen = self._hold_conditions.setdefault((namespace, name), set())
+        for condition in (HOLD_METRICS_STALE, HOLD_METRICS_MISSING, decision.hold_condition):
+            if condition:
+                seen.add(condition)
+        for condition in seen:
+            self.holding.labels(namespace, name, condition).set(1 if condition == decision.hold_condition else 0)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted worker's series (so no alert holds on for a worker that is gone)."""
+        for gauge in (self.forecast_error, self.desired, self.current):
+            try:
+                gauge.remove(namespace, name)
+            except KeyError:
+                pass
+        for bound in ("point", "upper", "lower"):
+            try:
+                self.forecast.remove(namespace, name, bound)
+            except KeyError:
+                pass
+        for condition in self._hold_conditions.pop((namespace, name), set()):
+            try:
+                self.holding.remove(namespace, name, condition)
+            except KeyError:
+                pass
 
 
 class Autoscaler:
@@ -108,6 +157,9 @@ class Autoscaler:
         entry = self._entries.pop(key, None)
         if entry is not None and entry.fit_future is not None:
             entry.fit_future.cancel()
+        if self.metrics is not None:
+            namespace, _, name = key.rpartition("/")
+            self.metrics.forget(namespace, name)
 
     def close(self) -> None:
         if self._owns_executor:
@@ -249,10 +301,8 @@ class Autoscaler:
             entry.last_scale_time = now
         if self.metrics is not None:
             namespace, _, name = key.rpartition("/")
-            self.metrics.decisions.labels(namespace, name, decision.action, spec.mode).inc()
-            self.metrics.desired.labels(namespace, name).set(decision.desired_replicas)
-            if entry.last_error is not None:
-                self.metrics.forecast_error.labels(namespace, name).set(entry.last_error)
+            self.metrics.record(namespace, name, decision, spec.mode, replicas, decision.forecast or forecast,
+                                entry.last_error)
         return decision, self._status(spec, decision, entry, replicas, ready_replicas)
 
     def _status(self, spec: AutoscalingSpec, decision: Decision, entry: _Entry, replicas: int, ready: int) -> dict:
