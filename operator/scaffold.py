@@ -102,6 +102,14 @@ def _aws_instance(value: str) -> str:
     return value
 
 
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("y", "yes", "true"):
+        return True
+    if value.lower() in ("n", "no", "false"):
+        return False
+    raise ScaffoldError(f"{value!r} is not yes or no")
+
+
 @dataclass(frozen=True)
 class Question:
     field: str
@@ -130,6 +138,8 @@ QUESTIONS = (
     Question("host_key", "The host's verified SSH host key (ssh-keyscan -t ed25519 ADDRESS, checked out of band)",
              _optional(_matches(HOST_KEY_PATTERN, "an SSH public key line such as 'ssh-ed25519 AAAA...'")),
              when=lambda a: a.stack == "onprem" and not a.accept_unknown_host_keys),
+    Question("accept_unknown_host_keys", "No verified key: trust the first key seen and pin it (y/N)", _yes_no,
+             when=lambda a: a.stack == "onprem" and not a.host_key and not a.accept_unknown_host_keys),
     Question("region", "AWS region", _matches(r"^[a-z]{2}(-[a-z]+)+-[0-9]$", "an AWS region such as us-east-1"),
              when=lambda a: a.stack == "aws"),
     Question("instance_type", "GPU instance type", _aws_instance, when=lambda a: a.stack == "aws"),
@@ -164,6 +174,7 @@ def gather(given: dict[str, Any], *, interactive: bool, stdin: TextIO | None = N
             answers = replace(answers, **{question.field: parsed})
     if given.get("accept_unknown_host_keys"):
         answers = replace(answers, accept_unknown_host_keys=True)
+    given = {key: value for key, value in given.items() if key != "accept_unknown_host_keys" or value}
     closed = False
     for question in QUESTIONS:
         if given.get(question.field) is not None or not question.when(answers):
@@ -173,7 +184,8 @@ def gather(given: dict[str, Any], *, interactive: bool, stdin: TextIO | None = N
             answers = replace(answers, **{question.field: default})
             continue
         for attempt in range(attempts):
-            prompts.write(f"{question.prompt} [{default}]: ")
+            shown = ("yes" if default else "no") if isinstance(default, bool) else default
+            prompts.write(f"{question.prompt} [{shown}]: ")
             prompts.flush()
             line = stdin.readline()
             if not line:  # EOF: the rest are defaults

@@ -80,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                              "GPU-health Events of nodes it tainted) and the transitions its status "
                                              "records (conditions, rollout, autoscaling, GPU health).")
     logs.add_argument("name")
-    logs.add_argument("-n", "--namespace", default="default")
+    logs.add_argument("-n", "--namespace", default=None, help="namespace (default: wherever the only worker of "
+                                                               "that name is)")
     logs.add_argument("--kubeconfig", default=None)
     logs.add_argument("--limit", type=int, default=50, help="newest entries to show (default: %(default)s; 0: all)")
     logs.set_defaults(handler=cmd_logs)
@@ -192,10 +193,25 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     client = connect(args.kubeconfig)
     try:
-        entries = collect(client, args.namespace, args.name, args.limit or None)
+        namespace = args.namespace or find_namespace(client, args.name)
+        entries = collect(client, namespace, args.name, args.limit or None)
     except KubeError as exc:
         raise UserError(f"cannot read the cluster: {exc}") from None
     if entries is None:
-        raise UserError(f"DigitalWorker {args.namespace}/{args.name} not found")
-    _console().print(timeline_table(entries, f"{args.namespace}/{args.name}: Events and status, newest last"))
+        raise UserError(f"DigitalWorker {namespace}/{args.name} not found")
+    _console().print(timeline_table(entries, f"{namespace}/{args.name}: Events and status, newest last"))
     return 0
+
+
+def find_namespace(client, name: str) -> str:
+    """The namespace of the one DigitalWorker called `name`; a UserError when there are none or several."""
+    from digital_worker.cli import UserError
+    from digital_worker.operator import schema as api
+
+    namespaces = sorted(b["metadata"]["namespace"] for b in client.list(api.API_VERSION, api.PLURAL)
+                        if b["metadata"]["name"] == name)
+    if not namespaces:
+        raise UserError(f"DigitalWorker {name} not found in any namespace")
+    if len(namespaces) > 1:
+        raise UserError(f"DigitalWorker {name} exists in {', '.join(namespaces)}: say which with -n")
+    return namespaces[0]

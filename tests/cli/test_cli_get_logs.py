@@ -92,6 +92,9 @@ def test_logs_merge_events_and_status_newest_last(running_worker):
     assert first_cells(limited.stdout) == first_cells(out)[-2:]
     missing = cli("logs", "nobody", "-n", "ai", "--kubeconfig", kubeconfig)
     assert missing.returncode == 2 and "ai/nobody not found" in missing.stderr
+    anywhere = cli("logs", "support-bot", "--kubeconfig", kubeconfig)  # the only support-bot: found in "ai"
+    assert anywhere.returncode == 0 and "ai/support-bot: Events" in anywhere.stdout
+    assert "not found in any namespace" in cli("logs", "nobody", "--kubeconfig", kubeconfig).stderr
 
 
 def test_status_is_unchanged_and_no_cluster_is_a_one_line_error(running_worker, tmp_path):

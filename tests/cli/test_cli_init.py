@@ -120,6 +120,16 @@ def test_interactive_bad_answer_is_asked_again_and_eof_takes_defaults(tmp_path):
     assert load_stack(tmp_path / "Pulumi.existing.yaml").kubeconfig.endswith(".kube/config")
 
 
+def test_onprem_interactive_asks_to_trust_the_first_key_only_without_one(tmp_path):
+    # name..gpus (Enter x5), stack, address, user (Enter), host key (Enter: none), trust it? yes, gpu type (Enter)
+    result = init(tmp_path, stdin="\n\n\n\n\nonprem\n10.1.2.3\n\n\nyes\n\n")
+    assert result.returncode == 0, result.stderr
+    assert "trust the first key seen and pin it (y/N) [no]" in result.stderr
+    loaded = load_stack(tmp_path / "Pulumi.onprem.yaml")
+    assert loaded.onprem.accept_unknown_host_keys and loaded.onprem.hosts[0].address == "10.1.2.3"
+    assert loaded.onprem.hosts[0].user == "ubuntu" and "sshPrivateKey" in loaded.missing_secrets[0]
+
+
 def test_flags_answer_their_questions_and_only_the_rest_are_asked(tmp_path):
     result = init(tmp_path, "--name", "flagged", "--stack", "existing", "--gpus", "2", stdin="\n\n\n\n\n\n\n")
     assert result.returncode == 0, result.stderr
