@@ -150,5 +150,5 @@ class OneWorker:
             items = [item for item in items if item["metadata"]["name"] == self.name]
         return items
 
-    def get(self, *args: Any, **kwargs: Any) -> Any:
-        return self.client.get(*args, **kwargs)
+    def __getattr__(self, attribute: str) -> Any:  # everything but list() as the client does it
+        return getattr(self.client, attribute)
