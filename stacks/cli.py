@@ -46,6 +46,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     host.add_argument("--host-key", required=True, help="expected host key line: 'ssh-ed25519 AAAA...'")
     host.set_defaults(handler=cmd_check_host)
 
+    observability = subparsers.add_parser(
+        "observability", help="print the Prometheus alerting rules or the Grafana dashboard",
+        description="The alerts and the fleet dashboard the platform deploys (stacks/observability): print "
+                    "them for your own Prometheus and Grafana, or regenerate the checked-in copies.")
+    what = observability.add_subparsers(dest="observability_command", metavar="SUBCOMMAND")
+    what.required = True
+    rules = what.add_parser("rules", help="Prometheus rule file (YAML), or a PrometheusRule with --prometheus-rule")
+    rules.add_argument("--prometheus-rule", action="store_true", help="wrap as a Prometheus Operator PrometheusRule")
+    rules.add_argument("-n", "--namespace", default="digital-worker-system", help="namespace of the PrometheusRule")
+    rules.set_defaults(handler=cmd_observability_rules)
+    dashboard = what.add_parser("dashboard", help="Grafana dashboard JSON, or a sidecar ConfigMap with --configmap")
+    dashboard.add_argument("--configmap", action="store_true",
+                           help='wrap in a ConfigMap labelled grafana_dashboard: "1" (YAML)')
+    dashboard.add_argument("-n", "--namespace", default="digital-worker-system", help="namespace of the ConfigMap")
+    dashboard.set_defaults(handler=cmd_observability_dashboard)
+    write = what.add_parser("write", help="regenerate stacks/observability/dashboard.json and prometheus-rules.yaml")
+    write.add_argument("--dir", default=None, help="write there instead (default: next to the generator)")
+    write.set_defaults(handler=cmd_observability_write)
+
 
 def _load(path: str, require_secrets: bool = True):
     from pathlib import Path
@@ -127,4 +146,40 @@ def cmd_check_host(args: argparse.Namespace) -> int:
           f"gpu-type {hostprep.gpu_type_from_product(gpus[0].product, gpus[0].memory_mib)}")
     print("container toolkit: " + (toolkit.stdout.strip().splitlines()[0] if toolkit.status == 0 else "missing"))
     print("prepared: " + (f"yes, node {marker.get('node_name')} ({marker.get('role')})" if marker else "no"))
+    return 0
+
+
+def cmd_observability_rules(args: argparse.Namespace) -> int:
+    from digital_worker.stacks import observability
+
+    if args.prometheus_rule:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(observability.prometheus_rule_object(args.namespace), sort_keys=False,
+                                        width=1 << 16))
+    else:
+        sys.stdout.write(observability.rules_yaml())
+    return 0
+
+
+def cmd_observability_dashboard(args: argparse.Namespace) -> int:
+    from digital_worker.stacks import observability
+
+    if args.configmap:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(observability.dashboard_configmap(args.namespace), sort_keys=False))
+    else:
+        sys.stdout.write(observability.dashboard_json())
+    return 0
+
+
+def cmd_observability_write(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from digital_worker.stacks import observability
+
+    directory = Path(args.dir) if args.dir else observability.HERE
+    for path in observability.write_files(directory):
+        print(f"wrote {path}")
     return 0

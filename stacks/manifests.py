@@ -144,7 +144,9 @@ def operator_servicemonitor(namespace: str) -> dict:
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": deploy.OPERATOR_NAME}},
             "namespaceSelector": {"matchNames": [namespace]},
-            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+            # honorLabels keeps the per-worker `namespace` label of the operator's metrics (otherwise
+            # renamed exported_namespace in favour of the operator's own namespace).
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s", "honorLabels": True}],
         },
     }
 
@@ -158,6 +160,7 @@ def runtime_class(name: str) -> dict:
 def platform_objects(settings: PlatformSettings) -> PlatformObjects:
     from digital_worker.agents import manifests as agent_manifests
     from digital_worker.operator import schema
+    from digital_worker.stacks import observability
 
     watch = list(settings.watch_namespaces) or None
     objects = PlatformObjects()
@@ -190,7 +193,10 @@ def platform_objects(settings: PlatformSettings) -> PlatformObjects:
             agent_manifests.agent_podmonitor(settings.namespace),
             runtime_podmonitor(settings.namespace),
             operator_servicemonitor(settings.namespace),
+            observability.prometheus_rule_object(settings.namespace),
         ])
+    # Grafana's dashboard sidecar picks it up wherever Grafana runs with one (harmless otherwise).
+    objects.monitoring.append(observability.dashboard_configmap(settings.namespace))
     objects.workers.extend(worker_body(w, settings.namespace) for w in settings.workers)
     return objects
 
@@ -201,8 +207,12 @@ def prometheus_helm_values(settings: PlatformSettings) -> dict[str, Any]:
     The runtime pods carry `prometheus.io/scrape` annotations (operator/render.py) and so does the
     agent Service (agents/manifests.py); the chart's `kubernetes-pods` and
     `kubernetes-service-endpoints` jobs pick both up. Extras the platform does not use are off.
+    Our alerting rules go in the chart's rule file (`stacks/observability`).
     """
+    from digital_worker.stacks.observability import prometheus_rules
+
     return {
+        "serverFiles": {"alerting_rules.yml": prometheus_rules()},
         "server": {
             "fullnameOverride": HELM_PROMETHEUS_NAME,
             "retention": "15d",
