@@ -85,6 +85,11 @@ def _counter_span(samples: Sequence[ScrapeSample], start: float, at: float) -> l
 
 
 def _buckets_increase(span: Sequence[ScrapeSample], attribute: str) -> dict[float, float]:
+    counts = [dict(getattr(sample, attribute)).get(math.inf, 0.0) for sample in span]
+    if all(a <= b for a, b in zip(counts, counts[1:])):
+        # No restart in the span (the +Inf bucket never went down): last minus first, in one pass.
+        first = dict(getattr(span[0], attribute))
+        return {bound: count - first.get(bound, 0.0) for bound, count in getattr(span[-1], attribute)}
     total: dict[float, float] = {}
     for before, after in zip(span, span[1:]):
         previous = dict(getattr(before, attribute))

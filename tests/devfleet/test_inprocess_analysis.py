@@ -159,6 +159,8 @@ def test_the_window_starts_at_the_last_scrape_before_it_and_restarts_count_from_
     count = fleet.provider.measure(queries("canary", window=15)[REQUEST_COUNT], at=40.0)
     assert count.value == 10 + 5
     assert fleet.provider.measure(queries("canary", window=15)[ERROR_RATE], at=40.0).value == pytest.approx(1 / 15)
+    # Bucket increases across the restart too: 10 + 4 observations, all 0.3 s.
+    assert 0.2 < fleet.provider.measure(queries("canary", window=15)[TTFT_P95], at=40.0).value <= 0.4
 
 
 def test_queue_is_the_worst_replicas_average_and_kv_usage_its_maximum():
