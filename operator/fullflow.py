@@ -33,6 +33,24 @@ def replica_endpoints(client, namespace: str, name: str) -> list[str]:
     return sorted(urls)
 
 
+def why_not_ready(client, namespace: str, name: str) -> str:
+    """The worker's phase and message, and where its pods are stuck (unscheduled, not ready)."""
+    body = client.get(api.API_VERSION, api.PLURAL, namespace, name) or {}
+    status = body.get("status") or {}
+    pods = client.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}={name}")
+    unscheduled = [p["metadata"]["name"] for p in pods if not (p.get("spec") or {}).get("nodeName")]
+    not_ready = [p["metadata"]["name"] for p in pods if not any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (p.get("status") or {}).get("conditions") or [])]
+    text = f"phase {status.get('phase', 'none yet')}: {status.get('message', 'no status from the operator')}"
+    if unscheduled:
+        selector = ((body.get("spec") or {}).get("runtime") or {}).get("gpuType")
+        text += (f"; {len(unscheduled)} pod(s) not scheduled (no node with free GPUs"
+                 + (f" labelled {api.LABEL_GPU_TYPE}={selector}" if selector else "") + ")")
+    elif not_ready:
+        text += f"; {len(not_ready)} pod(s) not ready"
+    return text
+
+
 def _healthy(url: str, timeout: float) -> str | None:
     """None when /health answers 200, else what went wrong."""
     try:
@@ -87,8 +105,9 @@ def run_full_flow(*, manifest: str | None = None, model: str | None = None, api_
             apply_worker(client, body)
             try:
                 final = wait_for_phase(client, namespace, name, {"Ready", "Degraded"}, ready_timeout)
-            except TimeoutError as exc:
-                record("deploy", False, str(exc))
+            except TimeoutError:
+                record("deploy", False, f"{namespace}/{name} not Ready after {ready_timeout:g}s: "
+                                        f"{why_not_ready(client, namespace, name)}")
                 return give_up(cluster.url)
             status = final.get("status") or {}
             ready_seconds = time.perf_counter() - started

@@ -163,3 +163,18 @@ def test_plain_text_report_without_rich():
     assert "TTFT p50 10.0 ms, p95 20.0 ms" in lines[-2]
     assert lines[-1] == "FAILED 1 of 2 checks: chat. First failure: chat: HTTP 500: boom"
     assert not report.ok and report.to_dict()["checks"][1]["status"] == "fail"
+
+
+def test_full_flow_says_why_a_worker_never_gets_ready(tmp_path):
+    """An `init` manifest asking for GPUs no emulated node has: deploy fails, named, and the smoke is skipped."""
+    assert subprocess.run([CLI, "init", "--yes", "--output-dir", str(tmp_path), "--name", "l4-bot",
+                           "--gpu-type", "nvidia-l4-24gb"], capture_output=True, timeout=60).returncode == 0
+    report_file = tmp_path / "report.json"
+    result = run_test("-f", str(tmp_path / "l4-bot.yaml"), "--ready-timeout", "3", "--json", str(report_file))
+    assert result.returncode == 1
+    checks = {c["name"]: c for c in json.loads(report_file.read_text())["checks"]}
+    assert checks["cluster"]["status"] == checks["operator"]["status"] == "pass"
+    assert checks["deploy"]["status"] == "fail"
+    assert "not scheduled" in checks["deploy"]["detail"] and "gpu-type=nvidia-l4-24gb" in checks["deploy"]["detail"]
+    assert {checks[n]["status"] for n in ("replicas", "health", "chat", "metrics")} == {"skip"}
+    assert "FAILED 1 of 10 checks: deploy" in " ".join(result.stdout.split())
