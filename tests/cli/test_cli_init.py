@@ -176,3 +176,11 @@ def test_every_answer_combination_of_the_templates_validates():
             assert spec.validate(yaml.safe_load(render_manifest(answers, template, "f.yaml"))) == []
     with pytest.raises(ScaffoldError, match="--name"):
         gather({"name": "x" * 41}, interactive=False)
+
+
+def test_aws_gpu_types_match_the_aws_stack():
+    """init keeps its own copy (no pulumi import to pick gpuType); it must not drift from the stack's."""
+    from digital_worker.operator.scaffold import AWS_GPU_TYPES
+    from digital_worker.stacks.aws import GPU_FAMILIES
+
+    assert AWS_GPU_TYPES == {family: identity[0] for family, identity in GPU_FAMILIES.items()}
