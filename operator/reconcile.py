@@ -135,29 +135,54 @@ def reconcile_spec(ctx: Context) -> object | None:
 
 
 def reconcile_strategy(ctx: Context) -> object | None:
-    """Canary when a stable revision serves and the spec asks for another; otherwise the interim
-    strategy (new revision beside the old one at full size, old one deleted once the new is ready)."""
-    from digital_worker.operator import rollout
+    """A rollout (canary or blue-green) when a stable revision serves and the spec asks for another;
+    otherwise the plain path (the first revision, or an undo back to a still-warm one): the revision
+    at full size, other revisions deleted once it is ready."""
+    from digital_worker.operator import bluegreen, rollout
 
-    stable = canary_from(ctx)
+    strategy = (ctx.spec.get("rollout") or {}).get("strategy", rollout.CANARY)
+    if strategy == rollout.BLUE_GREEN:
+        ctx.service_selector = bluegreen.active_selector(ctx.name, ctx.revision)
+    stable = rollout_from(ctx)
     if stable is not None:
-        rollout.reconcile_canary(ctx, stable)
+        delete_intermediate_revisions(ctx, stable)
+        if strategy == rollout.BLUE_GREEN:
+            bluegreen.reconcile_bluegreen(ctx, stable)
+        else:
+            rollout.reconcile_canary(ctx, stable)
         return None
     reconcile_revision(ctx)
+    if strategy == rollout.CANARY and (ctx.spec.get("rollout", {}).get("canary") or {}).get("trafficRouting"):
+        ready = (ctx.observed.named("deployments", render.revision_name(ctx.name, ctx.revision)) or {})
+        if (ready.get("status") or {}).get("readyReplicas"):  # route only once something can answer
+            rollout._apply_route(ctx, rollout.canary_router(ctx), ctx.revision, 0)
     return reconcile_old_revisions(ctx)
 
 
-def canary_from(ctx: Context) -> str | None:
-    """The stable revision a canary rollout starts from, or None when no canary applies."""
-    rollout_spec = ctx.spec.get("rollout")
-    if not rollout_spec or rollout_spec.get("strategy", "Canary") != "Canary":
-        return None  # BlueGreen is not implemented yet: it uses the interim strategy too
+def rollout_from(ctx: Context) -> str | None:
+    """The stable revision a rollout starts from, or None when no rollout applies."""
+    if not ctx.spec.get("rollout"):
+        return None
     stable = (ctx.body.get("status") or {}).get("stableRevision")
     if not stable or stable == ctx.revision:
         return None
     if ctx.observed.named("deployments", render.revision_name(ctx.name, stable)) is None:
         return None  # the stable revision is gone: nothing to protect, roll straight to the new one
     return stable
+
+
+def delete_intermediate_revisions(ctx: Context, stable: str) -> None:
+    """A spec changed again mid-rollout: the revision in between serves nobody any more."""
+    keep = {render.revision_name(ctx.name, stable), render.revision_name(ctx.name, ctx.revision)}
+    for deployment in list(ctx.observed.of("deployments")):
+        name = deployment["metadata"]["name"]
+        if name not in keep:
+            ctx.client.delete("apps/v1", "deployments", ctx.namespace, name)
+            ctx.client.delete("v1", "configmaps", ctx.namespace, name)
+            ctx.observed.children["deployments"].remove(deployment)
+            ctx.changes += 1
+            ctx.events.append(Event("Normal", "RevisionReplaced",
+                                    f"revision {revision_of(deployment)} superseded by {ctx.revision} mid-rollout"))
 
 
 def reconcile_revision(ctx: Context) -> object | None:
@@ -365,14 +390,21 @@ def build_status(ctx: Context) -> dict[str, Any]:
         status["fallback"] = ctx.status["fallback"]
     rollout = ctx.status.get("rollout")
     if rollout:
-        status["rollout"] = rollout
-        status["message"] = f"canary {rollout['phase'].lower()}: {rollout.get('message', '')}"
+        # Status is merge-patched: name the keys a new rollout state dropped (e.g. a finished analysis
+        # after a retry), or they would live on and be read back next pass.
+        dropped = {key: None for key in (old_status.get("rollout") or {}) if key not in rollout}
+        status["rollout"] = {**dropped, **rollout}
+        strategy = "blue-green" if rollout.get("strategy") == "BlueGreen" else "canary"
+        status["message"] = f"{strategy} {rollout['phase'].lower()}: {rollout.get('message', '')}"
         if rollout["phase"] == "Aborted":
             status["phase"] = "Degraded"
             status["conditions"][1] = _condition(ctx, "Progressing", False, "RolloutAborted", rollout.get("abortReason", ""))
             status["conditions"][2] = _condition(ctx, "Degraded", True, "RolloutAborted", rollout.get("abortReason", ""))
         elif rollout["phase"] == "Paused":
             status["conditions"][1] = _condition(ctx, "Progressing", False, "RolloutPaused", rollout.get("message", ""))
+        elif rollout.get("waitingFor"):
+            status["conditions"][1] = _condition(ctx, "Progressing", False, rollout["waitingFor"],
+                                                 rollout.get("message", ""))
     if phase == "Ready" and old_status.get("phase") != "Ready":
         ctx.events.append(Event("Normal", "Ready", message))
     return status

@@ -211,6 +211,16 @@ def render_service(body: dict[str, Any], selector: dict[str, str] | None = None)
     ), body)
 
 
+def render_revision_service(body: dict[str, Any], role: str, revision: str) -> dict[str, Any]:
+    """`<dw>-<role>` selecting one revision's pods: blue-green's preview, Gateway API's stable/canary backends."""
+    name = body["metadata"]["name"]
+    return _owned(_render(
+        "service.json.j2", name=f"{name}-{role}", namespace=body["metadata"]["namespace"],
+        labels={**instance_labels(name), api.LABEL_ROLE: role},
+        selector={api.LABEL_INSTANCE: name, api.LABEL_REVISION: revision},
+    ), body)
+
+
 def render_pdb(body: dict[str, Any]) -> dict[str, Any]:
     name = body["metadata"]["name"]
     return _owned(_render(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from digital_worker.operator import render
@@ -24,7 +25,7 @@ from digital_worker.operator import schema as api
 from digital_worker.operator.analysis import (Action, AnalysisSpec, AnalysisState, evaluate, is_due, measure_run,
                                              resume)
 from digital_worker.operator.metric_providers import PrometheusProvider, revision_matchers
-from digital_worker.operator.traffic import ReplicaCounts, router_from_settings
+from digital_worker.operator.traffic import GatewayApiRouter, ReplicaCounts, resolve_int_or_percent, router_from_settings
 
 ANNOTATION_PROMOTE = f"{api.GROUP}/promote"  # "step" (skip the current step) or "full"
 ANNOTATION_ABORT = f"{api.GROUP}/abort"
@@ -33,6 +34,8 @@ ANNOTATION_PAUSE = f"{api.GROUP}/pause"
 ANNOTATION_RESUME = f"{api.GROUP}/resume"
 
 PROGRESSING, PAUSED, ABORTED, COMPLETED = "Progressing", "Paused", "Aborted", "Completed"
+CANARY, BLUE_GREEN = "Canary", "BlueGreen"
+REASON_INSUFFICIENT_GPU = "InsufficientGPU"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
@@ -45,63 +48,118 @@ def _int_or_percent(value: int | str) -> int | str:
     return int(value) if isinstance(value, str) and not value.endswith("%") else value
 
 
+@dataclass
+class HumanInput:
+    """What the annotations ask for this pass (each is consumed: removed once read)."""
+
+    promote: str | None
+    abort: bool
+    retry: bool
+    pause: bool
+    resume: bool
+    consumed: list[str]
+
+
+def read_annotations(ctx) -> HumanInput:
+    annotations = ctx.body["metadata"].get("annotations") or {}
+    consumed = [key for key in (ANNOTATION_RETRY, ANNOTATION_ABORT, ANNOTATION_PROMOTE, ANNOTATION_RESUME)
+                if key in annotations]
+    resuming = ANNOTATION_RESUME in annotations
+    if resuming and ANNOTATION_PAUSE in annotations:
+        consumed.append(ANNOTATION_PAUSE)  # resume lifts a human pause
+    return HumanInput(promote=annotations.get(ANNOTATION_PROMOTE), abort=ANNOTATION_ABORT in annotations,
+                      retry=ANNOTATION_RETRY in annotations,
+                      pause=ANNOTATION_PAUSE in annotations and not resuming, resume=resuming, consumed=consumed)
+
+
+def consume_annotations(ctx, human: HumanInput, state: dict[str, Any]) -> None:
+    """Remove the annotations acted on, after recording what they did in status.rollout: the watch
+    event of the removal must not bring back a body whose rollout state predates the action."""
+    if human.consumed:
+        previous = (ctx.body.get("status") or {}).get("rollout") or {}
+        gone = {key: None for key in previous if key not in state}  # a merge patch keeps keys it does not name
+        ctx.client.patch(api.API_VERSION, api.PLURAL, ctx.namespace, ctx.name,
+                         {"status": {"rollout": {**gone, **state}}}, "status")
+        ctx.client.patch(api.API_VERSION, api.PLURAL, ctx.namespace, ctx.name,
+                         {"metadata": {"annotations": {key: None for key in human.consumed}}})
+
+
 def reconcile_canary(ctx, stable_revision: str, now: float | None = None) -> None:
     """One pass of a canary rollout from `stable_revision` to `ctx.revision`; fills ctx.status['rollout']."""
     now = time.time() if now is None else now
-    annotations = ctx.body["metadata"].get("annotations") or {}
-    state = _state(ctx, stable_revision, now)
+    human = read_annotations(ctx)
+    state = _state(ctx, stable_revision, now, CANARY)
     total = int(ctx.spec.get("replicas", 1))
     steps = ctx.spec.get("rollout", {}).get("canary", {}).get("steps") or [{"setWeight": 100}]
+    router = canary_router(ctx)
 
-    if ANNOTATION_RETRY in annotations and state["phase"] == ABORTED:
-        state = _fresh(ctx.revision, stable_revision, now)
+    if human.retry and state["phase"] == ABORTED:
+        state = _fresh(ctx.revision, stable_revision, now, CANARY)
         ctx.events.append(_event("Normal", "RolloutRetried", f"canary {ctx.revision} retried from step 0"))
-    if ANNOTATION_ABORT in annotations and state["phase"] not in (ABORTED, COMPLETED):
+    if human.abort and state["phase"] not in (ABORTED, COMPLETED):
         _abort(ctx, state, "aborted by a human (digital-worker abort)")
-    promote = annotations.get(ANNOTATION_PROMOTE)
+    promote = human.promote
     if promote == "full" and state["phase"] not in (ABORTED, COMPLETED):
         state["step"] = len(steps)
         ctx.events.append(_event("Normal", "RolloutPromoted", "promoted in full by a human"))
-    resuming = ANNOTATION_RESUME in annotations
-    consumed = [key for key in (ANNOTATION_RETRY, ANNOTATION_ABORT, ANNOTATION_PROMOTE, ANNOTATION_RESUME)
-                if key in annotations]
-    if resuming and ANNOTATION_PAUSE in annotations:
-        consumed.append(ANNOTATION_PAUSE)
-        annotations = {k: v for k, v in annotations.items() if k != ANNOTATION_PAUSE}
 
     if state["phase"] == ABORTED:
         _apply_sizes(ctx, stable_revision, stable=total, canary=0)
+        _apply_route(ctx, router, stable_revision, 0)
     else:
-        paused_by_human = ANNOTATION_PAUSE in annotations
-        while state["step"] < len(steps) and not paused_by_human:
+        while state["step"] < len(steps) and not human.pause:
             if not _run_step(ctx, state, steps[state["step"]], stable_revision, total, now, promote == "step",
-                             resuming):
+                             human.resume, router):
                 break
             promote = None  # a promote annotation moves one step only
             state["step"] += 1
             state["stepStartedAt"] = now
             state.pop("analysis", None)
-        if paused_by_human and state["phase"] == PROGRESSING:
+            state.pop("waitingFor", None)
+        if human.pause and state["phase"] == PROGRESSING:
             state["phase"], state["message"] = PAUSED, "paused by a human (digital-worker resume to continue)"
         if state["step"] >= len(steps) and state["phase"] not in (ABORTED,):
-            _complete(ctx, state, stable_revision, total)
-    if consumed:
-        ctx.client.patch(api.API_VERSION, api.PLURAL, ctx.namespace, ctx.name,
-                         {"metadata": {"annotations": {key: None for key in consumed}}})
+            _complete(ctx, state, stable_revision, total, router)
+    consume_annotations(ctx, human, state)
     ctx.status["rollout"] = state
 
 
-def _fresh(revision: str, stable: str, now: float) -> dict[str, Any]:
-    return {"revision": revision, "stableRevision": stable, "phase": PROGRESSING, "step": 0,
+def canary_router(ctx):
+    """The traffic router spec.rollout.canary asks for: replica ratio on the shared Service, or a
+    Gateway API HTTPRoute over per-revision Services `<dw>-stable` / `<dw>-canary`."""
+    canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
+    return router_from_settings(
+        canary_spec.get("trafficRouting"), namespace=ctx.namespace, stable_service=f"{ctx.name}-stable",
+        canary_service=f"{ctx.name}-canary", port=80,
+        max_surge=_int_or_percent(canary_spec.get("maxSurge", "25%")),
+        max_unavailable=_int_or_percent(canary_spec.get("maxUnavailable", "0")),
+        labels=render.instance_labels(ctx.name), owner_references=(render.owner_reference(ctx.body),))
+
+
+def _apply_route(ctx, router, stable_revision: str, weight: float, canary_revision: str | None = None) -> None:
+    """Gateway API only: the per-revision Services and the HTTPRoute's weights."""
+    if not isinstance(router, GatewayApiRouter):
+        return
+    from digital_worker.operator.reconcile import apply
+
+    apply(ctx, render.render_revision_service(ctx.body, "stable", stable_revision))
+    apply(ctx, render.render_revision_service(ctx.body, "canary", canary_revision or ctx.revision))
+    apply(ctx, router.render_route(int(round(weight))))
+
+
+def _fresh(revision: str, stable: str, now: float, strategy: str) -> dict[str, Any]:
+    return {"strategy": strategy, "revision": revision, "stableRevision": stable, "phase": PROGRESSING, "step": 0,
             "stepStartedAt": now, "weight": 0, "message": "starting"}
 
 
-def _state(ctx, stable_revision: str, now: float) -> dict[str, Any]:
+def _state(ctx, stable_revision: str, now: float, strategy: str) -> dict[str, Any]:
     old = ((ctx.body.get("status") or {}).get("rollout") or {})
-    if old.get("revision") == ctx.revision and old.get("stableRevision") == stable_revision:
-        return dict(old)
-    ctx.events.append(_event("Normal", "RolloutStarted", f"canary {ctx.revision} against stable {stable_revision}"))
-    return _fresh(ctx.revision, stable_revision, now)
+    if old.get("revision") == ctx.revision and old.get("stableRevision") == stable_revision and \
+            old.get("strategy", CANARY) == strategy:
+        return {key: value for key, value in old.items() if value is not None}
+    ctx.events.append(_event("Normal", "RolloutStarted",
+                             f"{strategy.lower()} rollout of {ctx.revision} against stable {stable_revision}"))
+    return _fresh(ctx.revision, stable_revision, now, strategy)
 
 
 def _event(type_: str, reason: str, message: str):
@@ -132,26 +190,21 @@ def _apply_sizes(ctx, stable_revision: str, *, stable: int, canary: int) -> None
 
 
 def _run_step(ctx, state: dict[str, Any], step: dict[str, Any], stable_revision: str, total: int, now: float,
-              promoted: bool, resuming: bool) -> bool:
+              promoted: bool, resuming: bool, router) -> bool:
     """Advance one step; True when it is done."""
     if "setWeight" in step:
         weight = int(step["setWeight"])
-        canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
-        # Only the replica-ratio router is wired so far (Gateway API needs per-revision Services).
-        router = router_from_settings(None, namespace=ctx.namespace, stable_service=ctx.name,
-                                      canary_service=f"{ctx.name}-canary",
-                                      max_surge=_int_or_percent(canary_spec.get("maxSurge", "25%")),
-                                      max_unavailable=_int_or_percent(canary_spec.get("maxUnavailable", "0")))
         stable_d, canary_d = _deployment(ctx, stable_revision), _deployment(ctx, ctx.revision)
         current = ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
                                 canary=int(((canary_d or {}).get("spec") or {}).get("replicas", 0)),
                                 stable_ready=_ready(stable_d), canary_ready=_ready(canary_d))
-        plan = router.plan(total, weight, current)
+        plan, waiting = plan_with_capacity(ctx, router, total, weight, current, stable_d)
         _apply_sizes(ctx, stable_revision, stable=plan.stable_replicas, canary=plan.canary_replicas)
+        _apply_route(ctx, router, stable_revision, plan.effective_weight)
         state.update(weight=round(plan.effective_weight, 1), requestedWeight=weight, exact=plan.exact,
-                     phase=PROGRESSING,
-                     message=f"step {state['step']}: weight {weight}% (≈{plan.effective_weight:.0f}% by replicas)")
-        done = plan.settled and _ready(canary_d) >= plan.canary_replicas and \
+                     phase=PROGRESSING, message=f"step {state['step']}: weight {weight}%: {plan.message}")
+        note_capacity(ctx, state, waiting)
+        done = plan.settled and _ready(canary_d) >= plan.canary_replicas and waiting is None and \
             plan.stable_replicas == current.stable and plan.canary_replicas == current.canary
         return done or promoted
     if "pause" in step:
@@ -166,20 +219,68 @@ def _run_step(ctx, state: dict[str, Any], step: dict[str, Any], stable_revision:
         return False
     if "analysis" in step:
         state["phase"] = PROGRESSING if state["phase"] != PAUSED else PAUSED
-        return _run_analysis(ctx, state, step, stable_revision, now, promoted, resuming)
+        settings = {**(ctx.spec.get("rollout", {}).get("analysis") or {}), **(step.get("analysis") or {})}
+        return run_analysis(ctx, state, settings, stable_revision, now, promoted, resuming,
+                            label=f"step {state['step']}")
     return True
 
 
-def _run_analysis(ctx, state, step, stable_revision, now, promoted, resuming) -> bool:
+# --- GPU capacity -----------------------------------------------------------------------------------
+
+def plan_with_capacity(ctx, router, total: int, weight: int, current: ReplicaCounts,
+                       stable_deployment: dict[str, Any] | None):
+    """The router's plan for `weight`, held to what the GPUs can host. Returns (plan, waiting message
+    or None). Nodes and pods are only read when the plan adds replicas."""
+    from digital_worker.operator import capacity as gpu
+
+    plan = router.plan(total, weight, current)
+    if plan.canary_replicas <= current.canary and plan.stable_replicas <= current.stable:
+        return plan, None
+    canary_template = render.render_deployment(ctx.body, ctx.spec, ctx.revision, 0)["spec"]["template"]
+    runtime = ctx.spec.get("runtime", {})
+    nodes = ctx.client.list("v1", "nodes")
+    available = gpu.gpu_capacity(nodes, ctx.client.list("v1", "pods") if nodes else [],
+                                 gpu_type=runtime.get("gpuType"),
+                                 tolerations=canary_template["spec"].get("tolerations") or [],
+                                 node_selector=runtime.get("nodeSelector"))
+    if not available.nodes:
+        return plan, None  # no GPU node known (e.g. nodes appear on demand): nothing to hold the plan to
+    stable_template = ((stable_deployment or {}).get("spec") or {}).get("template") or canary_template
+    canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
+    step = gpu.plan_rollout_step(
+        router, available, total, weight, current,
+        gpus_per_canary_replica=max(1, gpu.pod_gpu_request(canary_template)),
+        gpus_per_stable_replica=max(1, gpu.pod_gpu_request(stable_template)),
+        max_unavailable=resolve_int_or_percent(_int_or_percent(canary_spec.get("maxUnavailable", "0")), total,
+                                               False, "maxUnavailable"))
+    return step.traffic, (step.capacity.message if step.waiting else None)
+
+
+def note_capacity(ctx, state: dict[str, Any], waiting: str | None) -> None:
+    """Record a wait for GPUs (condition Progressing=False, reason InsufficientGPU) and say it once."""
+    if waiting is None:
+        state.pop("waitingFor", None)
+        return
+    if state.get("waitingFor") != REASON_INSUFFICIENT_GPU:
+        ctx.events.append(_event("Warning", REASON_INSUFFICIENT_GPU, waiting))
+    state.update(waitingFor=REASON_INSUFFICIENT_GPU, message=f"step {state['step']}: waiting for GPUs: {waiting}")
+
+
+# --- analysis ---------------------------------------------------------------------------------------
+
+def run_analysis(ctx, state: dict[str, Any], settings: dict[str, Any], stable_revision: str, now: float,
+                 promoted: bool, resuming: bool, label: str, key: str = "analysis") -> bool:
+    """Measure the new revision against the stable one; True when the analysis passed. A failed
+    analysis aborts the rollout, one that stays inconclusive pauses it (state['phase'])."""
     if promoted:
         return True
-    spec = AnalysisSpec.from_dict({**(ctx.spec.get("rollout", {}).get("analysis") or {}), **(step.get("analysis") or {})})
-    analysis = AnalysisState.from_dict(state["analysis"]) if state.get("analysis") else AnalysisState.start(now)
+    spec = AnalysisSpec.from_dict(settings)
+    analysis = AnalysisState.from_dict(state[key]) if state.get(key) else AnalysisState.start(now)
     if resuming:  # a human looked at an inconclusive analysis and wants it to go on
         analysis = resume(analysis, now)
         state["phase"] = PROGRESSING
-    url = ctx.prometheus_url
     if is_due(analysis, spec, now):
+        url = ctx.prometheus_url
         provider = PrometheusProvider(url, timeout=5.0) if url else ctx.analysis_provider
         if provider is None:
             from digital_worker.operator.analysis import RunMeasurements
@@ -189,10 +290,11 @@ def _run_analysis(ctx, state, step, stable_revision, now, promoted, resuming) ->
             measurements = measure_run(provider, spec, revision_matchers(ctx.namespace, ctx.name, ctx.revision),
                                        revision_matchers(ctx.namespace, ctx.name, stable_revision), at=now)
         result, analysis = evaluate(analysis, measurements, now, spec)
-        state["analysis"] = analysis.to_dict()
-        state["message"] = f"step {state['step']}: analysis {result.reason or 'running'}: {result.message}"
+        state[key] = analysis.to_dict()
+        state["message"] = f"{label}: analysis {result.reason or 'running'}: {result.message}"
+        _record_verdict(result.verdict)
         if result.action is Action.PASS:
-            ctx.events.append(_event("Normal", "AnalysisPassed", result.message))
+            ctx.events.append(_event("Normal", "AnalysisPassed", f"{label}: {result.message}"))
             return True
         if result.action is Action.ABORT:
             _abort(ctx, state, f"analysis failed: {result.message}")
@@ -201,32 +303,67 @@ def _run_analysis(ctx, state, step, stable_revision, now, promoted, resuming) ->
             state["phase"] = PAUSED
             ctx.events.append(_event("Warning", result.reason, result.message))
             return False
-    state["analysis"] = analysis.to_dict()
+    state[key] = analysis.to_dict()
     return False
 
 
+def _record_verdict(verdict) -> None:
+    if verdict is None:
+        return
+    try:
+        from digital_worker.operator import metrics
+
+        record = getattr(metrics, "record_analysis_verdict", None)
+        if record is not None:
+            record(verdict.value)
+    except ImportError:  # prometheus_client absent (render-only installs): nothing to count
+        pass
+
+
+def record_result(strategy: str, result: str) -> None:
+    try:
+        from digital_worker.operator import metrics
+
+        record = getattr(metrics, "record_rollout_result", None)
+        if record is not None:
+            record(strategy, result)
+    except ImportError:
+        pass
+
+
 def _abort(ctx, state: dict[str, Any], reason: str) -> None:
+    strategy = state.get("strategy", CANARY)
     state.update(phase=ABORTED, abortReason=reason, weight=0, message=f"aborted: {reason}")
-    ctx.events.append(_event("Warning", "RolloutAborted", f"canary {ctx.revision} aborted, stable takes all "
-                                                         f"traffic back: {reason}"))
+    state.pop("waitingFor", None)
+    ctx.events.append(_event("Warning", "RolloutAborted", f"{strategy.lower()} {ctx.revision} aborted, stable "
+                                                         f"takes all traffic back: {reason}"))
+    record_result(strategy, ABORTED)
 
 
-def _complete(ctx, state: dict[str, Any], stable_revision: str, total: int) -> None:
+def _complete(ctx, state: dict[str, Any], stable_revision: str, total: int, router) -> None:
     """The canary becomes stable at full size; the old revision goes once the new one carries it."""
     _apply_sizes(ctx, stable_revision, stable=_stable_replicas(ctx, stable_revision), canary=total)
     canary = _deployment(ctx, ctx.revision)
     if _ready(canary) >= total:
-        old = _deployment(ctx, stable_revision)
-        if old is not None:
-            ctx.client.delete("apps/v1", "deployments", ctx.namespace, old["metadata"]["name"])
-            ctx.client.delete("v1", "configmaps", ctx.namespace, old["metadata"]["name"])
-            ctx.observed.children["deployments"] = [d for d in ctx.observed.of("deployments") if d is not old]
-            ctx.changes += 1
+        # Gateway API: everything to the new revision, then the stable Service follows it.
+        _apply_route(ctx, router, ctx.revision, 0, canary_revision=ctx.revision)
+        delete_revision(ctx, stable_revision)
         if state["phase"] != COMPLETED:
             ctx.events.append(_event("Normal", "RolloutCompleted", f"revision {ctx.revision} is stable"))
+            record_result(state.get("strategy", CANARY), COMPLETED)
         state.update(phase=COMPLETED, weight=100, message=f"revision {ctx.revision} promoted to stable")
     else:
+        _apply_route(ctx, router, stable_revision, 100 * _ready(canary) / max(total, 1))
         state.update(phase=PROGRESSING, message=f"promoting: {_ready(canary)}/{total} canary replicas ready")
+
+
+def delete_revision(ctx, revision: str) -> None:
+    old = _deployment(ctx, revision)
+    if old is not None:
+        ctx.client.delete("apps/v1", "deployments", ctx.namespace, old["metadata"]["name"])
+        ctx.client.delete("v1", "configmaps", ctx.namespace, old["metadata"]["name"])
+        ctx.observed.children["deployments"] = [d for d in ctx.observed.of("deployments") if d is not old]
+        ctx.changes += 1
 
 
 def _stable_replicas(ctx, stable_revision: str) -> int:

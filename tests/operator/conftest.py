@@ -5,13 +5,15 @@ import uuid
 
 import pytest
 
-from digital_worker.operator.emulator import EmulatedCluster
+from digital_worker.operator.emulator import EmulatedCluster, SimulatedNode
 from digital_worker.operator.kube import KubeClient
 
 
 @pytest.fixture(scope="session")
 def cluster():
-    with EmulatedCluster(pod_startup_seconds=0.3) as emulated:
+    # Workers of every test in the session stay until the end: room enough that no rollout waits for GPUs
+    # (test_operator_bluegreen_e2e has its own small cluster for that).
+    with EmulatedCluster(pod_startup_seconds=0.3, nodes=[SimulatedNode(f"gpu-node-{i}", gpus=64) for i in range(4)]) as emulated:
         yield emulated
 
 

@@ -1,0 +1,302 @@
+"""Blue-green rollouts: the `reconcile_bluegreen` steps (Argo Rollouts' bluegreen.go, for LLM serving).
+
+The new revision comes up beside the stable one at full size (or `previewReplicas`) behind the
+preview Service `<dw>-preview`, while the active Service `<dw>` keeps selecting the stable revision.
+The steps, in order (each may end the pass; state lives in `status.rollout`, so it survives
+operator restarts):
+
+1. preview: the new revision at its preview size, ready (GPU capacity permitting: otherwise wait
+   with reason InsufficientGPU; blue-green never shrinks the stable to make room);
+2. warm-up: `/health_generate` on every preview pod plus `warmupRequests` synthetic completions
+   (a cold SGLang replica compiles CUDA graphs and fills caches on its first requests);
+3. pre-promotion analysis (when configured), preview against stable;
+4. promotion gate: with `autoPromotionEnabled: false`, wait for `digital-worker promote`;
+5. full size: the preview scaled to the worker's replicas, ready;
+6. switch: the active Service selects the new revision;
+7. post-promotion analysis (when configured); a failure switches back to the still-warm stable;
+8. scale-down delay: the old revision stays warm `scaleDownDelaySeconds`, then goes.
+
+Abort (analysis or a human) switches the active Service back to the stable revision and scales
+the new one to zero; `digital-worker retry` starts over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from typing import Any
+
+from digital_worker.operator import render
+from digital_worker.operator import rollout
+from digital_worker.operator import schema as api
+from digital_worker.operator.rollout import ABORTED, BLUE_GREEN, COMPLETED, PAUSED, PROGRESSING
+from digital_worker.operator.traffic import ReplicaCounts, ReplicaRatioRouter
+
+logger = logging.getLogger("digital_worker.operator")
+
+SIM_ENDPOINT_ANNOTATION = f"{api.GROUP}/sim-endpoint"
+WARMUP_TIMEOUT_SECONDS = 10.0
+
+
+def reconcile_bluegreen(ctx, stable_revision: str, now: float | None = None) -> None:
+    """One pass of a blue-green rollout from `stable_revision` to `ctx.revision`."""
+    now = time.time() if now is None else now
+    human = rollout.read_annotations(ctx)
+    state = rollout._state(ctx, stable_revision, now, BLUE_GREEN)
+    settings = ctx.spec.get("rollout", {}).get("blueGreen") or {}
+    total = int(ctx.spec.get("replicas", 1))
+
+    if human.retry and state["phase"] == ABORTED:
+        state = rollout._fresh(ctx.revision, stable_revision, now, BLUE_GREEN)
+        ctx.events.append(rollout._event("Normal", "RolloutRetried", f"blue-green {ctx.revision} retried"))
+    if human.abort and state["phase"] not in (ABORTED, COMPLETED):
+        rollout._abort(ctx, state, "aborted by a human (digital-worker abort)")
+    promote = human.promote
+    if promote == "full" and state["phase"] not in (ABORTED, COMPLETED) and state["step"] < SWITCH:
+        state["step"] = FULL_SIZE  # skip warm-up, analysis and the gate, never the readiness of the new pods
+        ctx.events.append(rollout._event("Normal", "RolloutPromoted", "promoted in full by a human"))
+        promote = None
+
+    if state["phase"] == ABORTED:
+        _scale(ctx, ctx.revision, 0)
+        _scale(ctx, stable_revision, total)
+        state["active"] = stable_revision
+    else:
+        if state.get("active", stable_revision) == stable_revision:
+            _scale(ctx, stable_revision, total)  # the autoscaler sizes the total: the serving side follows
+        while state["step"] < len(STEPS) and not human.pause:
+            step = STEPS[state["step"]]
+            if not step(ctx, state, settings, stable_revision, total, now, promote == "step", human.resume):
+                break
+            promote = None
+            state["step"] += 1
+            state["stepStartedAt"] = now
+            state.pop("waitingFor", None)
+        if human.pause and state["phase"] == PROGRESSING:
+            state["phase"], state["message"] = PAUSED, "paused by a human (digital-worker resume to continue)"
+        if state["step"] >= len(STEPS) and state["phase"] != COMPLETED:
+            ctx.events.append(rollout._event("Normal", "RolloutCompleted", f"revision {ctx.revision} is stable"))
+            rollout.record_result(BLUE_GREEN, COMPLETED)
+            state.update(phase=COMPLETED, weight=100, message=f"revision {ctx.revision} promoted to stable")
+    active = state.get("active", stable_revision)
+    ctx.service_selector = active_selector(ctx.name, active)
+    rollout.consume_annotations(ctx, human, state)
+    ctx.status["rollout"] = state
+
+
+def active_selector(name: str, revision: str) -> dict[str, str]:
+    return {api.LABEL_INSTANCE: name, api.LABEL_REVISION: revision}
+
+
+# --- steps (each returns True when done) -------------------------------------------------------------
+
+def reconcile_preview(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    size = min(int(settings.get("previewReplicas") or total), total)
+    state["active"] = stable_revision
+    if not _bring_up(ctx, state, stable_revision, total, size):
+        return False
+    from digital_worker.operator.reconcile import apply
+
+    apply(ctx, render.render_revision_service(ctx.body, "preview", ctx.revision))
+    ready = rollout._ready(rollout._deployment(ctx, ctx.revision))
+    state.update(phase=PROGRESSING, previewReplicas=size, weight=0,
+                 message=f"preview: {ready}/{size} replicas of {ctx.revision} ready on {ctx.name}-preview")
+    return ready >= size
+
+
+def reconcile_warmup(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    if promoted:
+        return True
+    requests = int(settings.get("warmupRequests", 0))
+    urls = _ready_pod_urls(ctx, ctx.revision)
+    if not urls:
+        state["message"] = "warm-up: no ready preview pod to warm"
+        return False
+    headers = _auth_headers(ctx)
+    failures = []
+    for url in urls:
+        problem = _call(f"{url}/health_generate", None, headers)
+        if problem:
+            failures.append(f"{url}/health_generate: {problem}")
+    body = {"model": ctx.spec["model"]["name"], "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Warm-up request from the digital-worker operator."}]}
+    for index in range(requests if not failures else 0):
+        problem = _call(f"{urls[index % len(urls)]}/v1/chat/completions", body, headers)
+        if problem:
+            failures.append(f"warm-up request {index}: {problem}")
+    if failures:
+        state["message"] = f"warm-up: {len(failures)} failure(s), retrying: {failures[0]}"
+        state["warmupFailures"] = int(state.get("warmupFailures", 0)) + 1
+        return False
+    state["message"] = f"warm-up: {len(urls)} pod(s) healthy, {requests} warm-up request(s) served"
+    return True
+
+
+def reconcile_pre_promotion_analysis(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    analysis = settings.get("prePromotionAnalysis")
+    if analysis is None:
+        return True
+    merged = {**(ctx.spec.get("rollout", {}).get("analysis") or {}), **analysis}
+    return rollout.run_analysis(ctx, state, merged, stable_revision, now, promoted, resuming,
+                                label="pre-promotion", key="prePromotionAnalysis")
+
+
+def reconcile_promotion_gate(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    if settings.get("autoPromotionEnabled", True) or promoted:
+        return True
+    state.update(phase=PAUSED, message="preview ready: waiting for `digital-worker promote`")
+    return False
+
+
+def reconcile_full_size(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    state["phase"] = PROGRESSING if state["phase"] == PAUSED else state["phase"]
+    if not _bring_up(ctx, state, stable_revision, total, total):
+        return False
+    ready = rollout._ready(rollout._deployment(ctx, ctx.revision))
+    state["message"] = f"scaling the new revision to full size: {ready}/{total} ready"
+    return ready >= total
+
+
+def reconcile_switch(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    if state.get("active") != ctx.revision:
+        ctx.events.append(rollout._event("Normal", "ActiveSwitched",
+                                         f"active Service {ctx.name} now selects revision {ctx.revision} "
+                                         f"(was {stable_revision})"))
+    state.update(active=ctx.revision, switchedAt=now, weight=100,
+                 message=f"active Service switched to {ctx.revision}")
+    return True
+
+
+def reconcile_post_promotion_analysis(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    analysis = settings.get("postPromotionAnalysis")
+    if analysis is None:
+        return True
+    merged = {**(ctx.spec.get("rollout", {}).get("analysis") or {}), **analysis}
+    passed = rollout.run_analysis(ctx, state, merged, stable_revision, now, promoted, resuming,
+                                  label="post-promotion", key="postPromotionAnalysis")
+    if state["phase"] == ABORTED:
+        state.update(active=stable_revision, weight=0)  # the stable is still warm: switch straight back
+    return passed
+
+
+def reconcile_scale_down_delay(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    delay = float(settings.get("scaleDownDelaySeconds", 300))
+    remaining = float(state.get("switchedAt", now)) + delay - now
+    if remaining > 0 and not promoted:
+        state["message"] = f"revision {ctx.revision} active; {stable_revision} stays warm {remaining:.0f}s more"
+        return False
+    rollout.delete_revision(ctx, stable_revision)
+    ctx.client.delete("v1", "services", ctx.namespace, f"{ctx.name}-preview")
+    return True
+
+
+STEPS = (reconcile_preview, reconcile_warmup, reconcile_pre_promotion_analysis, reconcile_promotion_gate,
+         reconcile_full_size, reconcile_switch, reconcile_post_promotion_analysis, reconcile_scale_down_delay)
+FULL_SIZE, SWITCH = STEPS.index(reconcile_full_size), STEPS.index(reconcile_switch)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def _scale(ctx, revision: str, replicas: int) -> None:
+    deployment = rollout._deployment(ctx, revision)
+    if deployment is not None and (deployment.get("spec") or {}).get("replicas") != replicas:
+        ctx.client.patch("apps/v1", "deployments", ctx.namespace, deployment["metadata"]["name"],
+                         {"spec": {"replicas": replicas}})
+        ctx.changes += 1
+
+
+def _bring_up(ctx, state, stable_revision: str, total: int, size: int) -> bool:
+    """The new revision's Deployment at `size` beside the stable at full size, when the GPUs allow;
+    False (waiting, reason InsufficientGPU) when they do not. Never shrinks the stable."""
+    stable_d, new_d = rollout._deployment(ctx, stable_revision), rollout._deployment(ctx, ctx.revision)
+    current = ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
+                            canary=int(((new_d or {}).get("spec") or {}).get("replicas", 0)),
+                            stable_ready=rollout._ready(stable_d), canary_ready=rollout._ready(new_d))
+    if 0 < current.canary < size and current.ready_canary < current.canary:
+        # Pods still starting (or pending) hold GPUs the nodes' accounting may not show yet: judge
+        # the capacity for more once they run, never overcommit on a stale view.
+        waiting, size = None, current.canary
+    else:
+        # Blue-green keeps the stable whole, so the new pods must fit on free GPUs: no shifting.
+        router = ReplicaRatioRouter(max_surge=size, max_unavailable=0)
+        plan, waiting = rollout.plan_with_capacity(ctx, _FixedSplit(router, current.stable, size), total, 50,
+                                                   current, stable_d)
+        size = plan.canary_replicas if waiting is None else max(current.canary, plan.canary_replicas)
+    from digital_worker.operator.reconcile import apply
+
+    apply(ctx, render.render_configmap(ctx.body, ctx.spec, ctx.revision))
+    apply(ctx, render.render_deployment(ctx.body, ctx.spec, ctx.revision, size))
+    rollout.note_capacity(ctx, state, waiting)
+    return waiting is None
+
+
+class _FixedSplit:
+    """A router whose plan is a fixed (stable, new) pair: blue-green's sizes go through the same
+    GPU capacity planning as canary steps."""
+
+    def __init__(self, router: ReplicaRatioRouter, stable: int, new: int) -> None:
+        self.router, self.stable, self.new = router, stable, new
+
+    def plan(self, total, weight, current=None):
+        from digital_worker.operator.traffic import TrafficPlan
+
+        return TrafficPlan(self.stable, self.new, weight, 0.0, True, (), True,
+                           f"{self.new} new / {self.stable} stable replica(s)")
+
+    def stable_floor(self, total, weight):
+        return self.stable  # blue-green never gives the stable's GPUs away
+
+    def for_counts(self, total, weight, stable, canary, ready_canary=None):
+        from digital_worker.operator.traffic import TrafficPlan
+
+        return TrafficPlan(stable, canary, weight, 0.0, True, (), (stable, canary) == (self.stable, self.new),
+                           f"held at {canary} new / {stable} stable replica(s)")
+
+
+def pod_base_url(pod: dict[str, Any], default_port: int = 30000) -> str | None:
+    """Where a pod serves HTTP: the simulated replica's endpoint in the emulated cluster, else its IP."""
+    annotations = pod["metadata"].get("annotations") or {}
+    if annotations.get(SIM_ENDPOINT_ANNOTATION):
+        return annotations[SIM_ENDPOINT_ANNOTATION].rstrip("/")
+    ip = (pod.get("status") or {}).get("podIP")
+    return f"http://{ip}:{annotations.get('prometheus.io/port', default_port)}" if ip else None
+
+
+def _ready_pod_urls(ctx, revision: str) -> list[str]:
+    selector = f"{api.LABEL_INSTANCE}={ctx.name},{api.LABEL_REVISION}={revision}"
+    urls = []
+    for pod in ctx.client.list("v1", "pods", ctx.namespace, selector):
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (pod.get("status") or {}).get("conditions") or [])
+        url = pod_base_url(pod, ctx.spec.get("runtime", {}).get("port", 30000))
+        if ready and url and not pod["metadata"].get("deletionTimestamp"):
+            urls.append(url)
+    return sorted(urls)
+
+
+def _auth_headers(ctx) -> dict[str, str]:
+    """The worker's API key (from its Secret) for warm-up requests; never logged or stored."""
+    ref = ctx.spec.get("runtime", {}).get("apiKeySecretRef")
+    if not ref:
+        return {}
+    import base64
+
+    secret = ctx.client.get("v1", "secrets", ctx.namespace, ref["name"]) or {}
+    if ref["key"] in (secret.get("stringData") or {}):
+        return {"Authorization": f"Bearer {secret['stringData'][ref['key']]}"}
+    encoded = (secret.get("data") or {}).get(ref["key"])
+    return {"Authorization": f"Bearer {base64.b64decode(encoded).decode()}"} if encoded else {}
+
+
+def _call(url: str, body: dict[str, Any] | None, headers: dict[str, str]) -> str | None:
+    """One warm-up request; the problem as text, or None when it succeeded."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={**headers, **({"Content-Type": "application/json"} if data else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=WARMUP_TIMEOUT_SECONDS) as response:
+            response.read()
+            return None if response.status < 300 else f"HTTP {response.status}"
+    except Exception as exc:  # any failure is a reason to retry the warm-up, not to crash the pass
+        return str(exc)[:200]
