@@ -472,6 +472,53 @@ class SimulatedNode:
     gpu_type: str = "nvidia-h100-80gb"
 
 
+def _gpus(pod_spec: dict[str, Any]) -> int:
+    return sum(int(str(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0)) or 0)
+               for c in pod_spec.get("containers") or [])
+
+
+class _Scheduler:
+    """Just enough of kube-scheduler for GPU pods: a node whose labels match the pod's nodeSelector,
+    whose NoSchedule/NoExecute taints the pod tolerates, with free `nvidia.com/gpu` for it (the most
+    free first); None leaves the pod Pending. Without any node, everything lands on "sim-node"."""
+
+    def __init__(self, nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+        self.nodes = nodes
+        self.free = {n["metadata"]["name"]: int(str(((n.get("status") or {}).get("allocatable") or {})
+                                                    .get("nvidia.com/gpu", 0))) for n in nodes}
+        for pod in pods:
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node in self.free and not pod["metadata"].get("deletionTimestamp"):
+                self.free[node] -= _gpus(pod.get("spec") or {})
+
+    def release(self, pod: dict[str, Any]) -> None:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node in self.free:
+            self.free[node] += _gpus(pod.get("spec") or {})
+
+    def place(self, pod_spec: dict[str, Any]) -> str | None:
+        if not self.nodes:
+            return "sim-node"
+        wanted, selector = _gpus(pod_spec), pod_spec.get("nodeSelector") or {}
+        tolerations = pod_spec.get("tolerations") or []
+        candidates = [n for n in self.nodes
+                      if all((n["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+                      and all(self._tolerated(t, tolerations) for t in (n.get("spec") or {}).get("taints") or []
+                              if t.get("effect") in ("NoSchedule", "NoExecute"))
+                      and self.free[n["metadata"]["name"]] >= wanted]
+        if not candidates:
+            return None
+        name = max(candidates, key=lambda n: self.free[n["metadata"]["name"]])["metadata"]["name"]
+        self.free[name] -= wanted
+        return name
+
+    @staticmethod
+    def _tolerated(taint: dict[str, Any], tolerations: list[dict[str, Any]]) -> bool:
+        return any(t.get("key") in (None, taint.get("key")) and (
+            t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
+            and t.get("effect") in (None, "", taint.get("effect")) for t in tolerations)
+
+
 class PodSimulator:
     """Turns Deployments into pods and pods into Ready, like the Deployment controller and kubelet."""
 
@@ -515,7 +562,7 @@ class PodSimulator:
         for pod in pods:
             for ref in pod["metadata"].get("ownerReferences") or []:
                 pods_by_owner.setdefault(ref.get("uid"), []).append(pod)
-        nodes = [node["metadata"]["name"] for node in self._objects("nodes")] or ["sim-node"]
+        scheduler = _Scheduler(self._objects("nodes"), pods)
         live_uids = {d["metadata"].get("uid") for d in deployments}
         for pod in pods:  # pods whose Deployment is gone (GC missed or raced)
             owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or []]
@@ -528,12 +575,20 @@ class PodSimulator:
             owned = sorted(pods_by_owner.get(meta.get("uid"), []),
                            key=lambda p: p["metadata"].get("creationTimestamp", ""))
             owned = [p for p in owned if not p["metadata"].get("deletionTimestamp")]
-            for index in range(len(owned), desired):
-                await self._create_pod(deployment, nodes[(index + len(owned)) % len(nodes)])
             for pod in owned[desired:][::-1]:
                 await self._delete_pod(pod)
+                scheduler.release(pod)
+            for _ in range(len(owned), desired):
+                template_spec = ((spec.get("template") or {}).get("spec")) or {}
+                await self._create_pod(deployment, scheduler.place(template_spec))
             ready = 0
             for pod in owned[:desired]:
+                if not (pod.get("spec") or {}).get("nodeName"):  # Pending: bind it once a node has room
+                    node = scheduler.place(pod.get("spec") or {})
+                    if node is not None:
+                        await self._request("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/"
+                                                     f"{pod['metadata']['name']}", {"spec": {"nodeName": node}})
+                    continue
                 ready += await self._update_pod(pod, loop.time())
             current = min(len(owned), desired) if owned else 0
             status = {
@@ -551,7 +606,7 @@ class PodSimulator:
                 await self._request("PATCH", f"/apis/apps/v1/namespaces/{meta['namespace']}/deployments/"
                                              f"{meta['name']}/status", {"status": status})
 
-    async def _create_pod(self, deployment: dict[str, Any], node: str) -> None:
+    async def _create_pod(self, deployment: dict[str, Any], node: str | None) -> None:
         meta = deployment["metadata"]
         template = (deployment.get("spec") or {}).get("template") or {}
         suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
@@ -564,7 +619,7 @@ class PodSimulator:
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"],
                                      "uid": meta.get("uid"), "controller": True}],
             },
-            "spec": {**(template.get("spec") or {}), "nodeName": node},
+            "spec": {**(template.get("spec") or {}), **({"nodeName": node} if node else {})},
             "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]},
         }
         await self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/pods", pod, "application/json")
@@ -618,7 +673,7 @@ class EmulatedCluster:
                  pod_simulator: bool = True, namespaces: tuple[str, ...] = ("default",),
                  install_crd: bool = True, port: int | None = None) -> None:
         self._kubeconfig_arg = kubeconfig
-        self.nodes = nodes if nodes is not None else [SimulatedNode(f"gpu-node-{i}") for i in range(1, 3)]
+        self.nodes = nodes if nodes is not None else [SimulatedNode(f"gpu-node-{i}") for i in range(1, 5)]
         self.runtime = runtime
         self.pod_startup_seconds = pod_startup_seconds
         self.pod_simulator_enabled = pod_simulator
