@@ -1,11 +1,12 @@
 """The dashboard and the alerts against what we really export.
 
-A simulated SGLang replica under load (some requests failing), a node agent on the fake NVML with an
+A simulated SGLang replica under load (30% of requests failing), a node agent on the fake NVML with an
 XID injected, and the operator's metrics endpoint served as `digital-worker run --metrics-port`
 serves it (after a real autoscaler tick and recorded rollout/analysis results) are scraped by a real
 Prometheus. Then: every metric name a dashboard query or an alert references is in those scrapes
 (Kubernetes' own CPU series aside), every dashboard query parses and runs on that Prometheus, and the
-data-plane panels (SGLang, GPUs) and the operator's panels show data.
+data-plane panels (SGLang, GPUs) and the operator's panels show data. The alerts' conditions hold
+on exactly the faults present (failing replica, fatal XID, aborted canary).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ async def send_traffic(url: str, count: int) -> dict[int, int]:
 
 async def test_dashboard_and_alerts_use_exported_metrics_and_run_on_prometheus(prometheus):
     server = SimulatedSGLang(SimConfig(port=0, host="127.0.0.1", model_name="sim", cold_start_seconds=0.0,
-                                       error_rate=0.2, seed=7))
+                                       error_rate=0.3, seed=7))
     await server.start()
     nvml_fake.fake_configure(gpus=2)
     agent = NodeAgent(AgentConfig(port=0, listen_address="127.0.0.1", interval=0.2, pod_resources_socket=None),
@@ -141,6 +142,19 @@ async def test_dashboard_and_alerts_use_exported_metrics_and_run_on_prometheus(p
                          "digitalworker_autoscaler_forecast_abs_error"}
         assert [e for e in empty if not referenced(e)[0] <= needs_history] == []
         assert len(empty) <= 2
+        # The alerts' conditions (without their `for`) on the same real series: the failing replica,
+        # the fatal XID and the aborted canary show; nothing else does.
+        firing: dict[str, list[dict]] = {}
+        for rule in alerts.alert_rules():
+            answer = await asyncio.to_thread(instant_query, prometheus.url, rule["expr"])
+            assert answer["status"] == "success", (rule["alert"], answer)
+            if answer["data"]["result"]:
+                firing[rule["alert"]] = [r["metric"] for r in answer["data"]["result"]]
+        assert set(firing) == {"DigitalWorkerHighErrorRate", "DigitalWorkerGPUXidError", "DigitalWorkerGPUFatalXid",
+                               "DigitalWorkerRolloutAborted"}, firing
+        assert firing["DigitalWorkerHighErrorRate"] == [{"namespace": "team", "digitalworker_io_instance": "bot"}]
+        assert [(m["gpu"], m["xid"]) for m in firing["DigitalWorkerGPUFatalXid"]] == [("1", "79")]
+        assert firing["DigitalWorkerRolloutAborted"] == [{"strategy": "Canary"}]
         # The annotations only draw when something happened: here, the aborted canary.
         rollout_annotation = next(a for a in board["annotations"]["list"] if a.get("name") == "Rollouts")
         answer = await asyncio.to_thread(instant_query, prometheus.url, rollout_annotation["expr"])
