@@ -168,6 +168,7 @@ class RequestRecord:
     ok: bool
     ttft: float | None
     latency: float
+    status: int = 0  # HTTP status; 0: the connection failed or broke (e.g. the replica went away)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -308,9 +309,10 @@ class LoadGenerator:
         body = {"model": self.model, "stream": True, "max_tokens": min(request.output_tokens, self.max_output_tokens),
                 "messages": [{"role": "user", "content": "word" * prompt_tokens}]}
         sent, started = time.time(), time.monotonic()
-        ttft, ok = None, False
+        ttft, ok, status = None, False, 0
         try:
             async with session.post(url + "/v1/chat/completions", json=body) as response:
+                status = response.status
                 if response.status == 200:
                     async for line in response.content:
                         if ttft is None and _has_token(line):
@@ -321,8 +323,8 @@ class LoadGenerator:
         except asyncio.CancelledError:
             raise
         except Exception:
-            ok = False
-        record = RequestRecord(sent, revision, ok, ttft, time.monotonic() - started)
+            ok, status = False, 0
+        record = RequestRecord(sent, revision, ok, ttft, time.monotonic() - started, status)
         with self._lock:
             self.records.append(record)
 

@@ -122,9 +122,11 @@ def summary_markdown(data: dict[str, Any], charts: list[Path]) -> str:
         lines += ["", f"Requests sent: {requests['sent']} ({requests['errors']} errors, {requests['dropped']} not "
                       f"sent: no ready replica or the in-flight bound); TTFT p95 over the tour: "
                       f"{'%.3f s' % ttft if ttft is not None else 'n/a'}.", "",
-                  "| revision | ok | errors |", "|---|---|---|"]
+                  "| revision | ok | errors | of which HTTP 5xx | broken connections (replica gone) |",
+                  "|---|---|---|---|---|"]
         for revision, counts in sorted(requests.get("by_revision", {}).items()):
-            lines.append(f"| {revision} | {counts['ok']} | {counts['error']} |")
+            lines.append(f"| {revision} | {counts['ok']} | {counts['error']} | {counts.get('http_5xx', '-')} | "
+                         f"{counts.get('broken', '-')} |")
     if samples:
         peak_replicas = max((s.get("replicas") or 0) for s in samples)
         lines += ["", f"Peak replicas: {peak_replicas}."]

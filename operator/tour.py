@@ -240,6 +240,7 @@ class Tour:
         self.loadgen = None
         self.results: list[StepResult] = []
         self.interrupted = False
+        self.final_state: dict[str, Any] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
     def now(self) -> float:
@@ -325,10 +326,24 @@ class Tour:
                 self.loadgen.stop()
             try:
                 self.recorder.sample_once()
+                self.final_state = self.capture_state()
             except Exception:
                 pass
             self.recorder.stop()
         return self.results
+
+    def capture_state(self) -> dict[str, Any]:
+        """The cluster as the tour leaves it: the worker's status, its Deployments and pods, node taints."""
+        return {
+            "status": self.status(),
+            "spec_replicas": (self.worker().get("spec") or {}).get("replicas"),
+            "deployments": {revision: {"replicas": (d.get("spec") or {}).get("replicas"),
+                                       "ready": (d.get("status") or {}).get("readyReplicas", 0)}
+                            for revision, d in self._deployments().items()},
+            "pods": sorted(p["metadata"]["name"] for p in self._pods()),
+            "node_taints": {n["metadata"]["name"]: [t.get("key") for t in (n.get("spec") or {}).get("taints") or []]
+                            for n in self.kube.list("v1", "nodes")},
+        }
 
     def step_deploy(self, result: StepResult) -> None:
         from digital_worker.operator.dev import apply_worker
@@ -481,6 +496,7 @@ class Tour:
             "markers": [asdict(m) for m in self.recorder.markers],
             "events": list(self.recorder.events),
             "requests": _request_totals(self.loadgen),
+            "final_state": self.final_state,
         }
 
 
@@ -499,8 +515,10 @@ def _request_totals(loadgen) -> dict[str, Any]:
     records = loadgen.snapshot()
     by_revision: dict[str, dict[str, int]] = {}
     for record in records:
-        counts = by_revision.setdefault(record.revision, {"ok": 0, "error": 0})
+        counts = by_revision.setdefault(record.revision, {"ok": 0, "error": 0, "http_5xx": 0, "broken": 0})
         counts["ok" if record.ok else "error"] += 1
+        if not record.ok:
+            counts["http_5xx" if record.status >= 500 else "broken"] += 1
     from digital_worker.operator.loadgen import percentile
 
     return {"sent": len(records), "dropped": loadgen.dropped, "errors": sum(not r.ok for r in records),
