@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     manifests = commands.add_parser(
         "manifests", help="print the platform objects the Platform component deploys (YAML)",
-        description="Print namespace, CRDs, operator RBAC/Deployment/Service, node agent, PodMonitors and "
-                    "DigitalWorkers as YAML for kubectl; Helm releases (Prometheus, device plugin) are not "
+        description="Print namespace, CRDs, operator RBAC/Deployment/Service, node agent, PodMonitors, alert "
+                    "rules, the Grafana dashboard ConfigMap and DigitalWorkers as YAML for kubectl; Helm releases "
+                    "(Prometheus, device plugin) are not "
                     "included. Settings come from a stack file or the defaults.")
     manifests.add_argument("-f", "--stack-file", default=None, help="Pulumi.<stack>.yaml to take settings from")
     manifests.add_argument("-n", "--namespace", default=None, help="operator namespace (overrides the stack file)")

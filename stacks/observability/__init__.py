@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .grafana import dashboard
 from .alerts import prometheus_rules
+from .grafana import dashboard
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD_FILE = HERE / "dashboard.json"
@@ -66,5 +66,14 @@ def dashboard_configmap(namespace: str) -> dict:
     }
 
 
-__all__ = ["dashboard", "prometheus_rules", "rules_yaml", "dashboard_json", "write_files",
-           "prometheus_rule_object", "dashboard_configmap", "DASHBOARD_FILE", "RULES_FILE"]
+__all__ = [
+    "DASHBOARD_FILE",
+    "RULES_FILE",
+    "dashboard",
+    "dashboard_configmap",
+    "dashboard_json",
+    "prometheus_rule_object",
+    "prometheus_rules",
+    "rules_yaml",
+    "write_files",
+]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from digital_worker.operator.metric_providers import (E2E_HISTOGRAM, INSTANCE_LABEL, ITL_HISTOGRAM, KV_USAGE_GAUGE, QUEUE_GAUGE,
-                                                      REQUESTS_TOTAL, REVISION_LABEL, TTFT_HISTOGRAM)
+from digital_worker.operator.metric_providers import (E2E_HISTOGRAM, INSTANCE_LABEL, ITL_HISTOGRAM, KV_USAGE_GAUGE,
+                                                      QUEUE_GAUGE, REQUESTS_TOTAL, REVISION_LABEL, TTFT_HISTOGRAM)
 
 from .promql import WORKER_LABELS, error_share, sglang, sum_rate, timeout_share
 
@@ -162,7 +162,7 @@ def _panel(title: str, targets: list[tuple[str, str]], unit: str, description: s
 def _variable(name: str, label: str, query: str) -> dict:
     return {
         "name": name, "label": label, "type": "query", "datasource": DATASOURCE,
-        "query": {"query": query, "refId": f"{name}-variable"}, "definition": query,
+        "query": query, "definition": query,
         "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*", "sort": 1,
         "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
     }

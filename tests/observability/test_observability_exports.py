@@ -18,7 +18,6 @@ import urllib.request
 
 import aiohttp
 import prometheus_client
-
 from digital_worker.agents import nvml_fake
 from digital_worker.agents.agent import AgentConfig, NodeAgent
 from digital_worker.operator.autoscaling.controller import Autoscaler

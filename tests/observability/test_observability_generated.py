@@ -7,15 +7,15 @@ import subprocess
 import sys
 
 import yaml
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-
-from digital_worker.cli import main
 from digital_worker.operator.autoscaling.controller import OperatorMetrics
 from digital_worker.operator.autoscaling.forecast import Forecast
 from digital_worker.operator.autoscaling.policy import HOLD, HOLD_METRICS_MISSING, HOLD_METRICS_STALE, Decision
 from digital_worker.stacks import manifests, observability
 from digital_worker.stacks.observability import grafana
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from promql_names import referenced
+
+from digital_worker.cli import main
 
 
 def test_checked_in_files_equal_the_generator():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from digital_worker.stacks.observability import RULES_FILE, prometheus_rules, rules_yaml
 
 WORKER = {"namespace": "team", "digitalworker_io_instance": "bot"}
