@@ -260,3 +260,33 @@ def test_only_rollouts_in_progress_are_scraped_at_a_cadence_from_their_window():
     bodies[0]["status"]["rollout"]["phase"] = "Completed"
     assert scraper.due(bodies, 104.0) == []
     assert scraper.provider.revisions() == []
+
+
+async def test_a_tick_never_waits_for_slow_scrapes_and_never_overlaps_them():
+    import asyncio
+    import threading
+
+    release = threading.Event()
+    calls = []
+    fleet = Fleet(canary=[Replica()])
+
+    def list_pods(namespace, instance):
+        calls.append(instance)
+        release.wait(5)  # pods that take seconds to answer
+        return fleet.pods
+
+    async def run_sync(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    scraper = fleet.scraper
+    bodies = [rollout_body(WORKER, "Progressing")]
+    await asyncio.wait_for(scraper.tick_all(bodies, list_pods, run_sync, now=100.0), 0.5)
+    await asyncio.wait_for(scraper.tick_all(bodies, list_pods, run_sync, now=110.0), 0.5)  # due, but in flight
+    await asyncio.sleep(0.1)
+    assert calls == [WORKER]
+    release.set()
+    for _ in range(50):
+        if fleet.provider.revisions():
+            break
+        await asyncio.sleep(0.05)
+    assert fleet.provider.revisions() == [(NAMESPACE, WORKER, "canary")]
