@@ -205,13 +205,14 @@ class LiveView:
             self.live.__exit__(*exc)
 
 
-def start_gpu_agents(cluster: Any) -> Any | None:
-    """Simulated node agents with GPU fault injection (operator/simnodes.py), when this build has them."""
+def start_gpu_agents(cluster: Any) -> tuple[Any | None, str]:
+    """Simulated node agents with GPU fault injection (operator/simnodes.py): (agents, "") or (None, why not)."""
     try:
         from digital_worker.operator.simnodes import start_simulated_node_agents
-    except ImportError:
-        return None
-    return start_simulated_node_agents(cluster)
+
+        return start_simulated_node_agents(cluster), ""
+    except Exception as exc:  # the tour goes on without its GPU step, and says why
+        return None, f"simulated node agents unavailable ({type(exc).__name__}: {exc})"
 
 
 def _prometheus_for_tour(prometheus: str | None, workdir: Path):
@@ -268,7 +269,7 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
         cluster = stack.enter_context(EmulatedCluster(kubeconfig=Path(kubeconfig_out).resolve(),
                                                       namespaces=("default", namespace), runtime=runtime))
         console.print(f"[bold]Emulated Kubernetes API[/] at {cluster.url}; kubeconfig: [cyan]{cluster.kubeconfig_path}[/]")
-        gpu_agents = start_gpu_agents(cluster)
+        gpu_agents, gpu_unavailable = start_gpu_agents(cluster)
         if gpu_agents is not None and hasattr(gpu_agents, "stop"):
             stack.callback(gpu_agents.stop)
         env = {"DW_PROMETHEUS_URL": prometheus_url} if prometheus_url else {}
@@ -278,7 +279,7 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
                       (f"Prometheus at {prometheus_url}" if prometheus_url else "in-process scraper (no Prometheus)"))
         view: LiveView | None = None
         tour = Tour(kube=client, runtime=runtime, body=body, timing=timing, prometheus_url=prometheus_url,
-                    gpu_faults=gpu_agents, narrate=lambda text: view.narrate(text) if view else
+                    gpu_faults=gpu_agents, gpu_unavailable=gpu_unavailable, narrate=lambda text: view.narrate(text) if view else
                     console.print(f"[{tour.now():6.1f}s] {text}", highlight=False))
         if launcher is not None:
             extra = None

@@ -221,7 +221,8 @@ class Tour:
     """Runs the scenario's steps against a running dev stack; see the module docstring."""
 
     def __init__(self, *, kube, runtime, body: dict[str, Any], timing: TourTiming, narrate: Callable[[str], None],
-                 prometheus_url: str | None, gpu_faults=None, trace=None, log_events: bool = True) -> None:
+                 prometheus_url: str | None, gpu_faults=None, gpu_unavailable: str = "", trace=None,
+                 log_events: bool = True) -> None:
         from digital_worker.operator.loadgen import default_trace
 
         self.kube, self.runtime, self.timing, self.narrate = kube, runtime, timing, narrate
@@ -231,6 +232,7 @@ class Tour:
         self.model = self.body["spec"]["model"]["name"]
         self.prometheus_url = prometheus_url
         self.gpu_faults = gpu_faults  # simulated node agents (operator/simnodes.py), when available
+        self.gpu_unavailable = gpu_unavailable or "no simulated node agents, so no GPU can fail"
         self.trace = trace or default_trace()
         self.started = time.time()
         self.recorder = Recorder(kube, self.namespace, self.name, self.started)
@@ -440,8 +442,7 @@ class Tour:
     def step_gpu_fault(self, result: StepResult) -> None:
         if self.gpu_faults is None:
             result.skipped, result.ok = True, True
-            result.detail = ("not available: simulated node agents (operator/simnodes.py) are not in this build, "
-                             "so no GPU can fail")
+            result.detail = f"not available: {self.gpu_unavailable}"
             return
         status = self.status()
         stable = status.get("stableRevision") or status.get("currentRevision")
