@@ -286,7 +286,10 @@ def reconcile_fallback(ctx, now: float | None = None) -> None:
     if selector is not None:
         ctx.service_selector = selector
     if decision.event:
-        ctx.events.append(Event(*decision.event))
+        type_, reason, message = decision.event
+        stable = (ctx.body.get("status") or {}).get("stableRevision")
+        ctx.events.append(Event(type_, reason, f"{message} (stable revision {stable}, fallback model "
+                                               f"{fallback_spec['model']['name']})"))
     ctx.status["fallback"] = fallback_status(state, fallback_spec, decision)
     return None
 
@@ -326,17 +329,46 @@ def measure_error_rate(ctx, revision: str, window_seconds: float,
                        now: float) -> tuple[float | None, float | None, str]:
     """(error rate, requests, why missing) of one revision over the window, from Prometheus when the
     operator has one, else from the in-process analysis provider; neither: nothing (hold)."""
-    from digital_worker.operator.metric_providers import (ERROR_RATE, REQUEST_COUNT, PrometheusProvider,
-                                                         revision_matchers, revision_queries)
+    from digital_worker.operator.metric_providers import (ERROR_RATE, REQUEST_COUNT, revision_matchers,
+                                                         revision_queries)
 
-    provider = PrometheusProvider(ctx.prometheus_url, timeout=3.0) if ctx.prometheus_url else ctx.analysis_provider
+    if ctx.prometheus_url:
+        provider = _prometheus(ctx.prometheus_url)
+        if provider is None:
+            return None, None, "Prometheus unreachable (retrying shortly)"
+    else:
+        provider = ctx.analysis_provider
     if provider is None:
         return None, None, "no metrics source"
     queries = revision_queries(revision_matchers(ctx.namespace, ctx.name, revision), window_seconds)
-    measured = provider.measure_all({name: queries[name] for name in (ERROR_RATE, REQUEST_COUNT)}, at=now)
-    rate, count = measured[ERROR_RATE], measured[REQUEST_COUNT]
-    missing = rate.error or ("" if rate.usable else "no requests in the window")
-    return (rate.value if rate.usable else None), (count.value if count.usable else None), missing
+    rate = provider.measure(queries[ERROR_RATE], at=now)
+    if ctx.prometheus_url and rate.error and rate.error.split(":", 1)[0] in _UNREACHABLE:
+        _prometheus_down_until[ctx.prometheus_url] = time.monotonic() + PROMETHEUS_BACKOFF_SECONDS
+        return None, None, rate.error
+    if not rate.usable:
+        return None, None, rate.error or "no requests in the window"
+    count = provider.measure(queries[REQUEST_COUNT], at=now)
+    return rate.value, (count.value if count.usable else None), ""
+
+
+# A stopped Prometheus costs each query its timeout: with many workers judged every few seconds that
+# would tie up the reconcile threads, so after a connection failure nobody asks it for a while.
+PROMETHEUS_BACKOFF_SECONDS = 15.0
+_UNREACHABLE = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "RetryError", "MaxRetryError"}
+_prometheus_down_until: dict[str, float] = {}
+_prometheus_providers: dict[str, Any] = {}
+
+
+def _prometheus(url: str):
+    """One provider (one HTTP session) per Prometheus URL; None while it is known to be unreachable."""
+    from digital_worker.operator.metric_providers import PrometheusProvider
+
+    if time.monotonic() < _prometheus_down_until.get(url, 0.0):
+        return None
+    provider = _prometheus_providers.get(url)
+    if provider is None:
+        provider = _prometheus_providers.setdefault(url, PrometheusProvider(url, timeout=3.0))
+    return provider
 
 
 def _apply_fallback(ctx) -> int:

@@ -158,3 +158,21 @@ def test_no_ready_primary_trips_without_metrics(kube):
     worker.reconcile(121)
     assert worker.body["status"]["fallback"]["phase"] == "Open"
     assert kube.get("v1", "services", NS, "fb2")["spec"]["selector"] == {api.LABEL_INSTANCE: "fb2-fallback"}
+
+
+def test_unreachable_prometheus_holds_and_is_not_asked_again_at_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from dwtest_support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    ctx = SimpleNamespace(prometheus_url=url, analysis_provider=None, namespace=NS, name="fb")
+    rate, requests, missing = fallback.measure_error_rate(ctx, "abc", 10, 0.0)
+    assert rate is None and requests is None and missing.startswith("ConnectionError")
+    asked = []
+    monkeypatch.setattr(fallback._prometheus_providers[url], "measure", lambda query, at=None: asked.append(query) or Measurement(query, None))
+    assert fallback.measure_error_rate(ctx, "abc", 10, 0.0)[2] == "Prometheus unreachable (retrying shortly)"
+    assert asked == []  # within the backoff: no query, no timeout paid
+    monkeypatch.setitem(fallback._prometheus_down_until, url, 0.0)
+    fallback.measure_error_rate(ctx, "abc", 10, 0.0)
+    assert len(asked) == 1
