@@ -233,10 +233,12 @@ def analysis_windows(spec: Mapping[str, Any]) -> list[float]:
     """Every analysis window a worker's rollout may ask for (the rollout's and each step's)."""
     rollout = spec.get("rollout") or {}
     blocks = [rollout.get("analysis") or {}]
-    for strategy in ("canary", "blueGreen"):
-        for step in (rollout.get(strategy) or {}).get("steps") or []:
-            if isinstance(step, Mapping) and isinstance(step.get("analysis"), Mapping):
-                blocks.append(step["analysis"])
+    for step in (rollout.get("canary") or {}).get("steps") or []:
+        if isinstance(step, Mapping) and isinstance(step.get("analysis"), Mapping):
+            blocks.append(step["analysis"])
+    blue_green = rollout.get("blueGreen") or {}
+    blocks += [blue_green[key] for key in ("prePromotionAnalysis", "postPromotionAnalysis")
+               if isinstance(blue_green.get(key), Mapping)]
     windows = []
     for block in blocks:
         try:

@@ -251,6 +251,8 @@ def test_only_rollouts_in_progress_are_scraped_at_a_cadence_from_their_window():
               rollout_body("d", "Progressing", window=600)]
     assert scrape_interval(bodies[0]["spec"]) == 2.0  # the shortest window / 5
     assert scrape_interval(bodies[3]["spec"]) == 10.0  # never rarer than every 10 s
+    blue_green = {"rollout": {"strategy": "BlueGreen", "blueGreen": {"postPromotionAnalysis": {"windowSeconds": 20}}}}
+    assert scrape_interval(blue_green) == 4.0
     assert scraper.due(bodies, 100.0) == [(NAMESPACE, "a"), (NAMESPACE, "d")]
     assert scraper.due(bodies, 101.0) == []
     assert scraper.due(bodies, 102.0) == [(NAMESPACE, "a")]
