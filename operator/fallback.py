@@ -1,7 +1,7 @@
 """Fallback model (circuit breaker): when the stable revision keeps failing, serve a backup model.
 
 `spec.fallback` names a smaller backup model. The operator keeps it warm at `spec.fallback.replicas`
-in its own Deployment `<dw>-fallback` (labelled `app.kubernetes.io/instance: <dw>-fallback`, so it is
+in its own Deployment `<dw>-fallback` (labelled `app.kubernetes.io/instance: <dw>.fallback`, so it is
 never taken for a revision of the worker) and moves the worker's Service between the two:
 
     Closed ──primary bad for unhealthySeconds──▶ Open ──open period over──▶ HalfOpen
@@ -218,7 +218,15 @@ def _half_open_tick(now, obs, settings, state, health, why) -> tuple[Decision, B
 # --- what the operator applies -------------------------------------------------------------------
 
 def fallback_name(dw_name: str) -> str:
+    """The fallback's Deployment and ConfigMap: `<dw>-fallback`."""
     return render.revision_name(dw_name, FALLBACK)
+
+
+def fallback_instance(dw_name: str) -> str:
+    """The fallback's `app.kubernetes.io/instance`: `<dw>.fallback`. A dot, because worker names are DNS
+    labels: with `<dw>-fallback`, a worker named so would list this Deployment as its own revision
+    (and delete it)."""
+    return f"{dw_name}.{FALLBACK}"
 
 
 def fallback_labels() -> dict[str, str]:
@@ -244,7 +252,7 @@ def render_fallback(body: dict[str, Any], spec: dict[str, Any]) -> list[dict[str
     asking for `spec.model.name` keep working (SGLang refuses other names); its real model is in the
     Deployment's `digitalworker.io/model` annotation and in status.fallback.model."""
     fallback_spec = fallback_worker_spec(spec)
-    instance = fallback_name(body["metadata"]["name"])
+    instance = fallback_instance(body["metadata"]["name"])
     return [
         render.render_configmap(body, fallback_spec, FALLBACK, instance=instance, extra_labels=fallback_labels(),
                                 served_model_name=spec["model"]["name"]),
@@ -255,7 +263,7 @@ def render_fallback(body: dict[str, Any], spec: dict[str, Any]) -> list[dict[str
 
 def service_selector(route: Route, dw_name: str) -> dict[str, str] | None:
     if route is Route.FALLBACK:
-        return {api.LABEL_INSTANCE: fallback_name(dw_name)}
+        return {api.LABEL_INSTANCE: fallback_instance(dw_name)}
     if route is Route.BOTH:  # the pod label every pod of the worker carries, the fallback's too
         return {api.LABEL_WORKER: dw_name}
     return None

@@ -133,7 +133,7 @@ def test_failing_stable_switches_to_the_fallback_and_back(prometheus):
         assert [r["revision"] for r in ready["revisions"]] == [stable]  # the fallback is no revision
         fallback = wait_until(lambda: (d := kube.get("apps/v1", "deployments", NAMESPACE, f"{NAME}-fallback"))
                               and (d.get("status") or {}).get("readyReplicas") == 1 and d, message="fallback warm")
-        assert fallback["metadata"]["labels"][api.LABEL_INSTANCE] == f"{NAME}-fallback"
+        assert fallback["metadata"]["labels"][api.LABEL_INSTANCE] == f"{NAME}.fallback"
         assert selector() == {api.LABEL_INSTANCE: NAME, api.LABEL_NAME: api.APP_NAME}
 
         load = ServiceLoad(kube, rate=12.0)
@@ -148,7 +148,7 @@ def test_failing_stable_switches_to_the_fallback_and_back(prometheus):
 
             runtime.inject(stable, error_rate=1.0)
             failing_since = time.monotonic()
-            wait_until(lambda: selector() == {api.LABEL_INSTANCE: f"{NAME}-fallback"}, timeout=40, interval=0.2,
+            wait_until(lambda: selector() == {api.LABEL_INSTANCE: f"{NAME}.fallback"}, timeout=40, interval=0.2,
                        message=status)
             switched_at = time.monotonic()
             tripped = wait_until(lambda: (s := status()).get("fallback", {}).get("active") and s, message=status)

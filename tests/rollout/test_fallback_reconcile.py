@@ -101,7 +101,7 @@ def test_breaker_routes_the_service_through_a_whole_incident(kube):
     worker.reconcile(25)
     assert worker.selector() == DEFAULT_SELECTOR  # bad for 15 s < unhealthySeconds
     worker.reconcile(30)
-    assert worker.selector() == {api.LABEL_INSTANCE: "fb-fallback"}
+    assert worker.selector() == {api.LABEL_INSTANCE: "fb.fallback"}
     status = worker.body["status"]["fallback"]
     assert status["active"] is True and status["phase"] == "Open" and "error rate 80.0%" in status["reason"]
     assert worker.events[-1] == "FallbackActivated"
@@ -115,12 +115,12 @@ def test_breaker_routes_the_service_through_a_whole_incident(kube):
     worker.reconcile(55)  # still bad, but the window reaches back before the trial: no verdict
     assert worker.body["status"]["fallback"]["phase"] == "HalfOpen"
     worker.reconcile(61)
-    assert worker.selector() == {api.LABEL_INSTANCE: "fb-fallback"} and worker.events[-1] == "FallbackTrialFailed"
+    assert worker.selector() == {api.LABEL_INSTANCE: "fb.fallback"} and worker.events[-1] == "FallbackTrialFailed"
     assert worker.body["status"]["fallback"]["state"]["open_seconds"] == 40
 
     worker.provider.error_rate = 0.01
     worker.reconcile(100)
-    assert worker.selector() == {api.LABEL_INSTANCE: "fb-fallback"}  # next trial 40 s after the failed one
+    assert worker.selector() == {api.LABEL_INSTANCE: "fb.fallback"}  # next trial 40 s after the failed one
     worker.reconcile(101)
     assert worker.selector() == {api.LABEL_WORKER: "fb"}
     worker.reconcile(111)  # trial windows full from here on: good since 111
@@ -157,7 +157,7 @@ def test_no_ready_primary_trips_without_metrics(kube):
     worker.reconcile(101)
     worker.reconcile(121)
     assert worker.body["status"]["fallback"]["phase"] == "Open"
-    assert kube.get("v1", "services", NS, "fb2")["spec"]["selector"] == {api.LABEL_INSTANCE: "fb2-fallback"}
+    assert kube.get("v1", "services", NS, "fb2")["spec"]["selector"] == {api.LABEL_INSTANCE: "fb2.fallback"}
 
 
 def test_unreachable_prometheus_holds_and_is_not_asked_again_at_once(monkeypatch):

@@ -32,13 +32,16 @@ def test_fallback_objects_are_not_revisions_of_the_worker():
     body, spec = example()
     configmap, deployment = fallback.render_fallback(body, spec)
     assert configmap["metadata"]["name"] == deployment["metadata"]["name"] == "support-bot-fallback"
+    # A worker named `support-bot-fallback` names its own children `support-bot-fallback-<revision>`.
+    assert render.revision_name("support-bot-fallback", "abc") != "support-bot-fallback"
     for obj in (configmap, deployment):
         labels = obj["metadata"]["labels"]
-        assert labels[api.LABEL_INSTANCE] == "support-bot-fallback"
+        assert labels[api.LABEL_INSTANCE] == "support-bot.fallback"  # never a worker's name (DNS label)
         assert labels[api.LABEL_ROLE] == "fallback" and labels[api.LABEL_REVISION] == "fallback"
         assert labels[api.LABEL_NAME] == api.APP_NAME  # the platform's PodMonitor still scrapes it
         # The reconcile lists (and would delete) everything its selector matches: not these.
         assert not matches(render.selector_string("support-bot"), labels)
+        assert not matches(render.selector_string("support-bot-fallback"), labels)  # nor a worker named so
         assert obj["metadata"]["ownerReferences"] == [render.owner_reference(body)]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert matches(",".join(f"{k}={v}" for k, v in deployment["spec"]["selector"]["matchLabels"].items()), pod_labels)
