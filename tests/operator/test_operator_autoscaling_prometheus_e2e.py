@@ -1,16 +1,66 @@
 """Autoscaling from a real Prometheus: kopf operator + emulated API + simulated SGLang replicas that a
 real Prometheus scrapes (targets kept in sync with the pods, labelled like the platform's scrape
-configs do) + load. Auto follows the load; with Prometheus gone the autoscaler holds and says why."""
+configs do) + a load generator ramping up. Auto follows the ramp step by step while a DryRun twin
+under the same ramp decides the same way and changes nothing; with Prometheus gone the autoscaler
+holds and says why."""
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import math
 import threading
 import time
+import urllib.request
 
 from digital_worker.operator import schema as api
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.simpods import SimulatedSglangPods
-from operator_support import load, scaling_worker, wait_until
+from operator_support import endpoints, scaling_worker, wait_until
+
+RAMP_SECONDS = 30.0
+
+
+def ramp_rate(elapsed: float) -> float:
+    """req/s: 0.5 rising to 4.5 over RAMP_SECONDS, then flat (the spec says 1 req/s per replica)."""
+    return 0.5 + 4.0 * min(1.0, elapsed / RAMP_SECONDS)
+
+
+def ramp_load(kube: KubeClient, name: str, started: float, stop: threading.Event) -> None:
+    """Open-loop chat completions at ramp_rate(t), spread over the worker's replicas."""
+    body = json.dumps({"model": "qwen2.5-7b", "max_tokens": 200,
+                       "messages": [{"role": "user", "content": "hello " * 400}]}).encode()
+
+    def send(url: str) -> None:
+        request = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30).read()
+        except Exception:
+            pass
+
+    pool = concurrent.futures.ThreadPoolExecutor(32)
+    in_flight = threading.BoundedSemaphore(32)  # open loop, but never an unbounded backlog
+
+    def send_bounded(url: str) -> None:
+        try:
+            send(url)
+        finally:
+            in_flight.release()
+
+    try:
+        index = 0
+        urls: list[str] = []
+        refreshed = 0.0
+        while not stop.is_set():
+            if time.monotonic() - refreshed > 1.0:
+                urls, refreshed = endpoints(kube, name), time.monotonic()
+            if urls and in_flight.acquire(timeout=1):
+                pool.submit(send_bounded, urls[index % len(urls)])
+                index += 1
+            stop.wait(1.0 / ramp_rate(time.monotonic() - started))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def keep_targets_in_sync(kube: KubeClient, prometheus, name: str, stop: threading.Event) -> None:
@@ -21,42 +71,69 @@ def keep_targets_in_sync(kube: KubeClient, prometheus, name: str, stop: threadin
         targets = sorted(p["metadata"]["annotations"][f"{api.GROUP}/sim-endpoint"].split("//", 1)[1]
                          for p in pods if (p["metadata"].get("annotations") or {}).get(f"{api.GROUP}/sim-endpoint"))
         if targets != current and prometheus.process is not None:
-            prometheus.set_targets("dw", targets, labels={"namespace": "ai", "digitalworker_io_instance": name})
+            prometheus.set_targets(f"dw-{name}", targets, labels={"namespace": "ai", "digitalworker_io_instance": name})
             current = targets
 
 
-def test_auto_follows_load_from_prometheus_and_holds_without_it(prometheus):
+def test_auto_follows_a_ramp_from_prometheus_dry_run_changes_nothing_and_it_holds_without_it(prometheus):
     from digital_worker.operator.runner import OperatorThread
 
     with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
             OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
-        kube.create(scaling_worker("prom-bot", "Auto"))
-        wait_until(lambda: ((kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot") or {}).get("status") or {})
-                   .get("phase") == "Ready", timeout=30, message="Ready")
+        for name, mode in (("prom-bot", "Auto"), ("prom-dry", "DryRun")):
+            kube.create(scaling_worker(name, mode))
+        for name in ("prom-bot", "prom-dry"):
+            wait_until(lambda: ((kube.get(api.API_VERSION, api.PLURAL, "ai", name) or {}).get("status") or {})
+                       .get("phase") == "Ready", timeout=30, message="Ready")
         stop = threading.Event()
-        threads = [threading.Thread(target=keep_targets_in_sync, args=(kube, prometheus, "prom-bot", stop), daemon=True),
-                   threading.Thread(target=load, args=(kube, "prom-bot", 12.0, stop), daemon=True)]
+        started = time.monotonic()
+        threads = [threading.Thread(target=target, args=args, daemon=True) for target, args in (
+            (keep_targets_in_sync, (kube, prometheus, "prom-bot", stop)),
+            (keep_targets_in_sync, (kube, prometheus, "prom-dry", stop)),
+            (ramp_load, (kube, "prom-bot", started, stop)),
+            (ramp_load, (kube, "prom-dry", started, stop)))]
         for thread in threads:
             thread.start()
+        followed: list[tuple[float, int]] = []  # (seconds into the ramp, spec.replicas) at each change
+
+        def auto_replicas() -> int:
+            replicas = kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot")["spec"]["replicas"]
+            if not followed or followed[-1][1] != replicas:
+                followed.append((round(time.monotonic() - started, 1), replicas))
+            return replicas
+
         try:
             prometheus.wait_for('sglang_num_requests_total{digitalworker_io_instance="prom-bot"} or '
                                 'sglang:num_requests_total{digitalworker_io_instance="prom-bot"}', timeout=30)
-            wait_until(lambda: kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot")["spec"]["replicas"] >= 3,
-                       timeout=100, interval=1,
-                       message=lambda: kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot").get("status"))
+            wait_until(lambda: auto_replicas() >= 4, timeout=RAMP_SECONDS + 60, interval=0.5,
+                       message=lambda: (followed, kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot").get("status")))
+            dry = kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-dry")
             prometheus.stop()
             held = wait_until(lambda: ((kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot").get("status") or {})
                                        .get("autoscaling") or {}).get("holdCondition"), timeout=40, interval=1,
                               message="a hold once Prometheus is gone")
-            replicas = kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot")["spec"]["replicas"]
+            replicas = auto_replicas()
             time.sleep(12)  # two more ticks: no change without metrics
-            assert kube.get(api.API_VERSION, api.PLURAL, "ai", "prom-bot")["spec"]["replicas"] == replicas
+            assert auto_replicas() == replicas
         finally:
             stop.set()
             for thread in threads:
                 thread.join(30)
+        # Followed the ramp: grew in more than one step, each step no further ahead of the load
+        # than the forecast's lead allows (at 1 req/s per replica: the rate a tick or two later, + 1).
+        print("replicas over the ramp (seconds, replicas):", followed)
+        assert followed[0][1] == 1 and len(followed) >= 3, followed
+        for elapsed, count in followed[1:]:
+            assert count <= math.ceil(ramp_rate(elapsed + 15.0)) + 1, followed
         assert held in ("MetricsMissing", "MetricsStale")
         warnings = [e for e in kube.list("v1", "events", "ai")
                     if e["involvedObject"]["name"] == "prom-bot" and e["type"] == "Warning"]
         assert any(e["reason"] == held for e in warnings)
+        # The DryRun twin under the same ramp wanted more replicas, said so, and changed nothing.
+        assert dry["spec"]["replicas"] == 1
+        assert dry["status"]["autoscaling"]["mode"] == "DryRun" and dry["status"]["autoscaling"]["desiredReplicas"] >= 2
+        deployment = kube.list("apps/v1", "deployments", "ai", f"{api.LABEL_INSTANCE}=prom-dry")[0]
+        assert deployment["spec"]["replicas"] == 1
+        reasons = [e["reason"] for e in kube.list("v1", "events", "ai") if e["involvedObject"]["name"] == "prom-dry"]
+        assert "WouldScale" in reasons and "Scaled" not in reasons
