@@ -298,11 +298,11 @@ def reconcile_fallback(ctx, now: float | None = None) -> None:
         stable = (ctx.body.get("status") or {}).get("stableRevision")
         ctx.events.append(Event(type_, reason, f"{message} (stable revision {stable}, fallback model "
                                                f"{fallback_spec['model']['name']})"))
-    ctx.status["fallback"] = fallback_status(state, fallback_spec, decision)
+    ctx.status["fallback"] = fallback_status(state, fallback_spec)
     return None
 
 
-def fallback_status(state: BreakerState, fallback_spec: dict[str, Any], decision: Decision) -> dict[str, Any]:
+def fallback_status(state: BreakerState, fallback_spec: dict[str, Any]) -> dict[str, Any]:
     """status.fallback. Only transitions change it (no live numbers): no status write per evaluation."""
     status = {"active": state.phase != CLOSED, "phase": state.phase, "model": fallback_spec["model"]["name"],
               "reason": state.reason, "state": state.to_dict()}
