@@ -42,10 +42,16 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import pairwise
+from typing import Any
 
 from digital_worker.operator import schema as api
-from digital_worker.operator.autoscaling.metrics import ScrapeSample, histogram_quantile, parse_sglang_exposition
+from digital_worker.operator.autoscaling.metrics import (
+    ScrapeSample,
+    histogram_quantile,
+    parse_sglang_exposition,
+)
 from digital_worker.operator.metric_providers import (
     E2E_P95,
     ERROR_RATE,
@@ -98,12 +104,12 @@ def _counter_span(samples: Sequence[ScrapeSample], start: float, at: float) -> l
 
 def _buckets_increase(span: Sequence[ScrapeSample], attribute: str) -> dict[float, float]:
     counts = [dict(getattr(sample, attribute)).get(math.inf, 0.0) for sample in span]
-    if all(a <= b for a, b in zip(counts, counts[1:])):
+    if all(a <= b for a, b in pairwise(counts)):
         # No restart in the span (the +Inf bucket never went down): last minus first, in one pass.
         first = dict(getattr(span[0], attribute))
         return {bound: count - first.get(bound, 0.0) for bound, count in getattr(span[-1], attribute)}
     total: dict[float, float] = {}
-    for before, after in zip(span, span[1:]):
+    for before, after in pairwise(span):
         previous = dict(getattr(before, attribute))
         for bound, count in getattr(after, attribute):
             total[bound] = total.get(bound, 0.0) + _increase(previous.get(bound, 0.0), count)
@@ -143,9 +149,9 @@ def revision_measurement(
         return (value if value is not None and math.isfinite(value) else None), 1
     finished = aborted = rate = 0.0
     for span in spans:
-        pod_finished = sum(_increase(a.requests_total, b.requests_total) for a, b in zip(span, span[1:]))
+        pod_finished = sum(_increase(a.requests_total, b.requests_total) for a, b in pairwise(span))
         finished += pod_finished
-        aborted += sum(_increase(a.aborted_requests_total, b.aborted_requests_total) for a, b in zip(span, span[1:]))
+        aborted += sum(_increase(a.aborted_requests_total, b.aborted_requests_total) for a, b in pairwise(span))
         covered = span[-1].time - span[0].time
         if covered > 0:
             rate += pod_finished / covered

@@ -42,8 +42,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from digital_worker.operator.gpu_health import AGENT_ENDPOINT_ANNOTATION
 from digital_worker.operator.kube import KubeClient
@@ -109,7 +110,7 @@ class GpuFault:
 class _EmulatedKubelet:
     """Stands where the agent's PodAttribution is: the GPU -> pod map of one node."""
 
-    def __init__(self, fleet: "SimulatedNodeAgents", node: str) -> None:
+    def __init__(self, fleet: SimulatedNodeAgents, node: str) -> None:
         self.fleet = fleet
         self.node = node
         self.up = True
@@ -179,7 +180,7 @@ class SimulatedNodeAgents:
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> "SimulatedNodeAgents":
+    def start(self) -> SimulatedNodeAgents:
         for sim in self.nodes.values():
             sim.agent.attribution = _EmulatedKubelet(self, sim.name)
             sim.port = sim.agent.start()
@@ -196,7 +197,7 @@ class SimulatedNodeAgents:
                 sim.port = 0
         self._started = False
 
-    def __enter__(self) -> "SimulatedNodeAgents":
+    def __enter__(self) -> SimulatedNodeAgents:
         return self if self._started else self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,8 @@ import json
 import threading
 import time
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from digital_worker.operator import schema as api
 from digital_worker.operator.kube import KubeClient

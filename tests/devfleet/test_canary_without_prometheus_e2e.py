@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from devfleet_support import load, wait_until, worker_status
-from digital_worker.operator import render, schema as api, spec as dw_spec
+from digital_worker.operator import render
+from digital_worker.operator import schema as api
+from digital_worker.operator import spec as dw_spec
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.simpods import SimulatedSglangPods
@@ -59,8 +60,16 @@ def test_analysis_without_prometheus_aborts_a_bad_canary_and_passes_a_good_one()
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(bad)
         kube.create(good)
-        stable = {name: wait_until(lambda: (s := worker_status(kube, NAMESPACE, name)).get("phase") == "Ready" and s,
-                                   message=f"{name} Ready")["currentRevision"] for name in ("bad-bot", "good-bot")}
+        def reached(name: str, phase: str, key: str = "phase"):
+            """The worker's status once `status[key]` (or `status.rollout.phase`) is `phase`."""
+            def check():
+                status = worker_status(kube, NAMESPACE, name)
+                current = status.get("rollout", {}).get("phase") if key == "rollout" else status.get(key)
+                return current == phase and status
+            return check
+
+        stable = {name: wait_until(reached(name, "Ready"), message=f"{name} Ready")["currentRevision"]
+                  for name in ("bad-bot", "good-bot")}
         stop = threading.Event()
         threads = [threading.Thread(target=load, args=(kube, NAMESPACE, name, 12.0, stop), daemon=True)
                    for name in ("bad-bot", "good-bot")]
@@ -71,9 +80,8 @@ def test_analysis_without_prometheus_aborts_a_bad_canary_and_passes_a_good_one()
             kube.patch(api.API_VERSION, api.PLURAL, NAMESPACE, "good-bot", {"spec": {"model": {"revision": "v2"}}})
             finals = {}
             for name, phase in (("bad-bot", "Aborted"), ("good-bot", "Completed")):
-                finals[name] = wait_until(
-                    lambda: (s := worker_status(kube, NAMESPACE, name)).get("rollout", {}).get("phase") == phase and s,
-                    timeout=60, interval=0.5, message=lambda: worker_status(kube, NAMESPACE, name).get("rollout"))
+                finals[name] = wait_until(reached(name, phase, "rollout"), timeout=60, interval=0.5,
+                                          message=lambda n=name: worker_status(kube, NAMESPACE, n).get("rollout"))
         finally:
             stop.set()
             for thread in threads:

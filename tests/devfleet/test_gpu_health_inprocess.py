@@ -4,12 +4,11 @@ samples Prometheus' answer gives, and `decide` replaces the pod on the broken GP
 from __future__ import annotations
 
 import pytest
-
-from dwtest_support import free_port
 from digital_worker.agents.collector import GpuOwner
 from digital_worker.agents.exposition import render
 from digital_worker.operator import gpu_health
 from digital_worker.operator.simnodes import _SimNode
+from dwtest_support import free_port
 
 
 def agent_page(sim: _SimNode, owners: dict) -> str:

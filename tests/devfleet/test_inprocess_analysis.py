@@ -13,8 +13,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from digital_worker.operator import schema as api
+from digital_worker.operator.analysis import (
+    AnalysisSpec,
+    Verdict,
+    judge_run,
+    measure_run,
+)
 from digital_worker.operator.autoscaling.metrics import parse_sglang_exposition
-from digital_worker.operator.analysis import AnalysisSpec, Verdict, judge_run, measure_run
 from digital_worker.operator.inprocess_analysis import (
     InProcessAnalysisProvider,
     RolloutScraper,
@@ -36,7 +41,11 @@ from digital_worker.operator.metric_providers import (
     revision_matchers,
     revision_queries,
 )
-from digital_worker.runtime.sglang_metrics import E2E_BUCKETS, INTER_TOKEN_BUCKETS, TTFT_BUCKETS
+from digital_worker.runtime.sglang_metrics import (
+    E2E_BUCKETS,
+    INTER_TOKEN_BUCKETS,
+    TTFT_BUCKETS,
+)
 
 NAMESPACE, WORKER = "ai", "bot"
 

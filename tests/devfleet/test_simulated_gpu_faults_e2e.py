@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from devfleet_support import wait_until, worker_status
 from digital_worker.operator import schema as api
 from digital_worker.operator.emulator import EmulatedCluster, SimulatedNode
 from digital_worker.operator.gpu_health import TAINT_KEY
 from digital_worker.operator.kube import KubeClient
-from digital_worker.operator.simnodes import allocate_gpus, gpu_request, start_simulated_node_agents
+from digital_worker.operator.simnodes import (
+    allocate_gpus,
+    gpu_request,
+    start_simulated_node_agents,
+)
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +64,7 @@ def run_fault_story(prometheus=None, ecc: bool = False) -> None:
             prometheus.wait_for(f'DCGM_FI_DEV_GPU_UTIL{{pod=~"{name}-.*"}}', timeout=30,
                                 predicate=lambda result: len(result) == 4)
 
-        victim = sorted(p["metadata"]["name"] for p in live_pods(kube, name) if p["spec"]["nodeName"] == NODES[0])[0]
+        victim = min(p["metadata"]["name"] for p in live_pods(kube, name) if p["spec"]["nodeName"] == NODES[0])
         fault = agents.inject_gpu_fault(f"{NAMESPACE}/{victim}", ecc=ecc)
         assert (fault.node, fault.pod, fault.gpu) == (NODES[0], victim, assignments[(NAMESPACE, victim)][1][0])
 
