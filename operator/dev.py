@@ -191,7 +191,7 @@ class LiveView:
                 f"{sample.get('rate', 0):.1f} req/s / no forecast yet",
                 f"{ttft:.2f}s" if ttft is not None else "-",
                 f"{sample.get('decision')}: {(sample.get('reason') or '')[:90]}")
-        return Group(table, Panel("\n".join(self.lines), title=f"tour at x{self.tour.timing.speed:g}"))
+        return Group(table, Panel("\n".join(self.lines), title=f"tour at x{self.tour.timing.speed:g}: {self.tour.current_step}"))
 
     def __enter__(self) -> "LiveView":
         from rich.live import Live

@@ -243,6 +243,7 @@ class Tour:
         self.results: list[StepResult] = []
         self.interrupted = False
         self.final_state: dict[str, Any] = {}
+        self.current_step = ""
 
     # -- helpers -----------------------------------------------------------------------------------
     def now(self) -> float:
@@ -303,6 +304,7 @@ class Tour:
         self.recorder.start()
         try:
             for name in steps:
+                self.current_step = STEP_TITLES[name]
                 result = StepResult(name, STEP_TITLES[name], started=round(self.now(), 2))
                 self.recorder.mark(name, "step")
                 self.narrate(f"[bold]▶ {result.title}[/]")
