@@ -80,17 +80,19 @@ class AutoscalingLoop:
         meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         key = f"{meta['namespace']}/{meta['name']}"
         replicas = int(spec.get("replicas", 1))
+        pods = await self.run_sync(self.client.list, "v1", "pods", meta["namespace"],
+                                   f"{INSTANCE_LABEL}={meta['name']}")
+        # The node agents label GPU series by pod: the autoscaler reads its pods' GPUs when present.
+        gpu_pods = (meta["namespace"], tuple(sorted(p["metadata"]["name"] for p in pods)))
         if self.prometheus is not None:
             source, selector = self.prometheus, prometheus_selector(meta["namespace"], meta["name"])
         else:  # the embedded default: scrape the replicas ourselves
-            pods = await self.run_sync(self.client.list, "v1", "pods", meta["namespace"],
-                                       f"{INSTANCE_LABEL}={meta['name']}")
             addresses = [a for a in (pod_metrics_address(p) for p in pods) if a]
             await self.run_sync(self.scraper.scrape, key, addresses, now)
             source, selector = self.memory, key
         decision, autoscaling_status = await self.autoscaler.tick(
             key, spec.get("autoscaling"), replicas, int(status.get("readyReplicas", 0)), now, source,
-            selector=selector)
+            selector=selector, gpu_pods=gpu_pods)
         mode = autoscaling_status.get("mode")
         if mode == "Auto" and decision.desired_replicas != replicas:
             await self.run_sync(self.client.patch, api.API_VERSION, api.PLURAL, meta["namespace"], meta["name"],

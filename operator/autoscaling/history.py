@@ -15,7 +15,7 @@ KV_CACHE_USAGE = "kv_cache_usage"  # 0..1, the busiest replica
 TTFT_P95 = "ttft_p95"  # seconds
 ITL_P95 = "itl_p95"  # seconds between output tokens
 GPU_UTILIZATION = "gpu_utilization"  # 0..1, from the node agents
-GPU_MEMORY_USED = "gpu_memory_used"  # 0..1 of the GPU memory, from the node agents
+GPU_MEMORY_USED = "gpu_memory_used"  # 0..1 of the fullest GPU's memory, from the node agents
 METRIC_NAMES = (
     REQUEST_RATE,
     PROMPT_TOKEN_RATE,
