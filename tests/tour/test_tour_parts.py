@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digital_worker.operator import schema as api, spec as dw_spec
+from digital_worker.operator import spec as dw_spec
 from digital_worker.operator.loadgen import (RateProfile, Trace, TraceRequest, arrivals, default_trace, load_azure_trace,
                                              percentile, shared_data_dir, synthetic_trace)
 from digital_worker.operator.tour import SCENARIOS, STEP_TITLES, TourTiming, tour_worker
@@ -116,3 +116,18 @@ def test_report_from_a_recording(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "report" / "forecast.png")[..., :3].std() > 0.05
+
+
+def test_a_nab_series_as_a_rate_shape(tmp_path):
+    data = shared_data_dir()
+    path = data / "nab" / "nyc_taxi.csv" if data is not None else None
+    if path is None or not path.exists():
+        path = tmp_path / "series.csv"
+        path.write_text("timestamp,value\n" + "".join(f"2014-07-01 00:{i:02d}:00,{10 + i % 5}\n" for i in range(48)))
+    from digital_worker.operator.loadgen import nab_rate_shape
+
+    shape = nab_rate_shape(path, points=48)
+    assert len(shape) == 48 and sum(shape) / len(shape) == pytest.approx(1.0)
+    profile = RateProfile.from_shape(shape, mean_rate=5.0, step_seconds=2.0)
+    sent = list(arrivals(synthetic_trace(count=1000), profile, until=96.0))
+    assert abs(len(sent) - 5.0 * 94) < 0.25 * 5.0 * 94  # the series' mean rate, its ups and downs
