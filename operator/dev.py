@@ -281,12 +281,17 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
         tour = Tour(kube=client, runtime=runtime, body=body, timing=timing, prometheus_url=prometheus_url,
                     gpu_faults=gpu_agents, gpu_unavailable=gpu_unavailable, narrate=lambda text: view.narrate(text) if view else
                     console.print(f"[{tour.now():6.1f}s] {text}", highlight=False))
-        if launcher is not None:
+        if prometheus_url:
             extra = None
-            if gpu_agents is not None and hasattr(gpu_agents, "scrape_targets"):
-                extra = lambda: {job: (targets, labels) for job, targets, labels in _agent_jobs(gpu_agents)}
-            sync = devprom.PodTargetSync(launcher, client, tour.namespace, tour.name, extra_jobs=extra).start()
+            if gpu_agents is not None:
+                extra = lambda: {job: (targets, labels) for job, targets, labels in _agent_jobs(gpu_agents)}  # noqa: E731
+            # Our Prometheus gets its jobs directly; someone else's reads them from a file_sd file.
+            sink = launcher if launcher is not None else devprom.FileTargets(Path(report_dir).resolve() / "prometheus-targets.json")
+            sync = devprom.PodTargetSync(sink, client, tour.namespace, tour.name, extra_jobs=extra).start()
             stack.callback(sync.stop)
+            if launcher is None:
+                console.print(f"Point that Prometheus's file_sd_configs at [cyan]{sink.path}[/] (scrape interval 1s): "
+                              "the simulated replicas and GPU agents are listed there, labelled as the platform does.")
         steps = SCENARIOS[scenario]
         if duration is not None:  # stop like Ctrl-C would: the report is still written
             timer = threading.Timer(duration, lambda: (timed_out.set(), _thread.interrupt_main()))

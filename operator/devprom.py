@@ -57,8 +57,9 @@ def prometheus_binary() -> str | None:
 class PrometheusLauncher:
     """A Prometheus process scraping the configured static jobs every second."""
 
-    def __init__(self, workdir: Path, binary: str | None = None) -> None:
+    def __init__(self, workdir: Path, binary: str | None = None, file_sd: list[Path] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.file_sd = [Path(p) for p in file_sd or ()]  # also scrape what these file_sd files list
         self.binary = binary
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -76,7 +77,9 @@ class PrometheusLauncher:
                  "static_configs": [{"targets": targets, **({"labels": self.job_labels[job]}
                                                             if self.job_labels.get(job) else {})}]}
                 for job, targets in self.jobs.items()
-            ],
+            ] + ([{"job_name": "file-sd", "scrape_interval": "1s",
+                   "file_sd_configs": [{"files": [str(p) for p in self.file_sd], "refresh_interval": "1s"}]}]
+                 if self.file_sd else []),
         }
         self.config_path.write_text(yaml.safe_dump(config))
 
@@ -139,6 +142,24 @@ class PrometheusLauncher:
         raise TimeoutError(f"no result for {promql!r} within {timeout}s (last: {result})")
 
 
+class FileTargets:
+    """The same jobs as a file_sd JSON file, for a Prometheus we do not run (`dev --prometheus URL`):
+    point its `file_sd_configs` at `path` and it scrapes the simulated replicas and agents."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.jobs: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    def set_targets(self, job: str, targets: list[str], labels: dict[str, str] | None = None) -> None:
+        self.jobs[job] = (list(targets), dict(labels or self.jobs.get(job, ([], {}))[1]))
+        groups = [{"targets": targets, "labels": {**labels, "job": job}}
+                  for job, (targets, labels) in sorted(self.jobs.items()) if targets]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".tmp")
+        partial.write_text(json.dumps(groups, indent=1))
+        partial.replace(self.path)  # Prometheus never reads a half-written file
+
+
 def revision_targets(kube, namespace: str, name: str) -> dict[str, list[str]]:
     """host:port of each simulated replica of a DigitalWorker, by revision."""
     by_revision: dict[str, list[str]] = {}
@@ -153,7 +174,7 @@ def revision_targets(kube, namespace: str, name: str) -> dict[str, list[str]]:
 class PodTargetSync:
     """Keeps Prometheus' jobs equal to the worker's pods (one job per revision) on a thread."""
 
-    def __init__(self, prometheus: PrometheusLauncher, kube, namespace: str, name: str, *, interval: float = 1.0,
+    def __init__(self, prometheus: "PrometheusLauncher | FileTargets", kube, namespace: str, name: str, *, interval: float = 1.0,
                  extra_jobs: Callable[[], dict[str, tuple[list[str], dict[str, str]]]] | None = None) -> None:
         self.prometheus, self.kube, self.namespace, self.name = prometheus, kube, namespace, name
         self.interval = interval
@@ -172,7 +193,7 @@ class PodTargetSync:
             wanted.update(self.extra_jobs())
         for job in set(self._current) | set(wanted):
             targets, labels = wanted.get(job, ([], self._current.get(job, ([], {}))[1]))
-            if self._current.get(job) != (targets, labels) and self.prometheus.process is not None:
+            if self._current.get(job) != (targets, labels):
                 self.prometheus.set_targets(job, targets, labels)
         self._current = {job: value for job, value in wanted.items()}
 

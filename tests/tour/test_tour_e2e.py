@@ -99,3 +99,25 @@ def test_no_tour_still_serves_like_before(tmp_path):
     assert "Simulated SGLang replicas: http://127.0.0.1:" in result.stdout
     assert (tmp_path / "kubeconfig").exists()
     assert not (tmp_path / ".digital-worker" / "report").exists()
+
+
+def test_one_story_against_a_prometheus_the_user_runs(tmp_path):
+    """`--scenario rollback --prometheus URL`: the operator judges the canary from that Prometheus,
+    which scrapes the simulated replicas from the file_sd file dev mode keeps up to date."""
+    from digital_worker.operator.devprom import PrometheusLauncher
+
+    report = tmp_path / "report"
+    with PrometheusLauncher(tmp_path / "prometheus", file_sd=[report / "prometheus-targets.json"]) as prometheus:
+        result = run_cli(["dev", "--scenario", "rollback", "--headless", "--speed", "10", "--report", str(report),
+                          "--prometheus", prometheus.url, "--kubeconfig-out", str(tmp_path / "kubeconfig")],
+                         tmp_path, timeout=180)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        # The replicas are gone (their series stale): look back over the run.
+        scraped = prometheus.query('count by (digitalworker_io_revision) '
+                                   '(max_over_time({__name__=~"sglang[:_]num_requests_total"}[5m]))')
+    data = json.loads((report / "tour.json").read_text())
+    assert data["prometheus"] == prometheus.url
+    assert [s["name"] for s in data["steps"]] == ["deploy", "traffic", "rollback"]
+    bad = data["steps"][-1]["facts"]["revision"]
+    assert any(bad in e["message"] and "analysis failed" in e["message"] for e in events(data, "RolloutAborted"))
+    assert {s["metric"]["digitalworker_io_revision"] for s in scraped} >= {bad, data["steps"][0]["facts"]["revision"]}
