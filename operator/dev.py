@@ -161,10 +161,12 @@ class LiveView:
 
         self.console, self.tour = console, tour
         self.lines: deque[str] = deque(maxlen=12)
+        self._lock = threading.Lock()  # the recorder's thread narrates Events while rich renders
         self.live = None
 
     def narrate(self, text: str) -> None:
-        self.lines.append(f"[dim]{self.tour.now():6.1f}s[/] {text}" if self.tour else text)
+        with self._lock:
+            self.lines.append(f"[dim]{self.tour.now():6.1f}s[/] {text}")
 
     def __rich__(self):
         from rich.console import Group
@@ -191,7 +193,9 @@ class LiveView:
                 f"{sample.get('rate', 0):.1f} req/s / no forecast yet",
                 f"{ttft:.2f}s" if ttft is not None else "-",
                 f"{sample.get('decision')}: {(sample.get('reason') or '')[:90]}")
-        return Group(table, Panel("\n".join(self.lines), title=f"tour at x{self.tour.timing.speed:g}: {self.tour.current_step}"))
+        with self._lock:
+            lines = "\n".join(self.lines)
+        return Group(table, Panel(lines, title=f"tour at x{self.tour.timing.speed:g}: {self.tour.current_step}"))
 
     def __enter__(self) -> "LiveView":
         from rich.live import Live
@@ -261,7 +265,8 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
     stack = contextlib.ExitStack()
     started = time.monotonic()
     timed_out = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends the tour like Ctrl-C
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         prometheus_url, launcher = _prometheus_for_tour(prometheus, workdir / "prometheus")
         if launcher is not None:

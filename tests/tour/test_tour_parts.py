@@ -131,3 +131,26 @@ def test_a_nab_series_as_a_rate_shape(tmp_path):
     profile = RateProfile.from_shape(shape, mean_rate=5.0, step_seconds=2.0)
     sent = list(arrivals(synthetic_trace(count=1000), profile, until=96.0))
     assert abs(len(sent) - 5.0 * 94) < 0.25 * 5.0 * 94  # the series' mean rate, its ups and downs
+
+
+def test_live_view_shows_workers_revisions_load_and_the_last_decision():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from digital_worker.operator.dev import LiveView
+
+    sample = {"phase": "Ready", "stable_revision": "aaa111", "rollout_phase": "Progressing", "rollout_revision": "bbb222",
+              "canary_weight": 25.0, "ready": 3, "replicas": 4, "desired": 4, "rate": 6.5, "forecast": 7.25,
+              "ttft_p95": 0.42, "decision": "ScaleUp", "reason": "queue 9 above 2 per replica"}
+    tour = SimpleNamespace(name="support-bot", now=lambda: 12.0, current_step="Traffic ramps",
+                           timing=TourTiming.for_speed(10), recorder=SimpleNamespace(latest=lambda: sample))
+    view = LiveView(Console(file=io.StringIO()), tour)
+    view.narrate("autoscaler: replicas 3 → 4")
+    out = io.StringIO()
+    Console(file=out, width=200).print(view)
+    text = out.getvalue()
+    for expected in ("support-bot", "aaa111", "bbb222 (25.0%)", "3/4", "6.5 / 7.2 req/s", "0.42s",
+                     "ScaleUp: queue 9 above 2 per replica", "autoscaler: replicas 3 → 4", "Traffic ramps"):
+        assert expected in text, expected
