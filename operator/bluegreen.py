@@ -79,6 +79,9 @@ def reconcile_bluegreen(ctx, stable_revision: str, now: float | None = None) -> 
             ctx.events.append(rollout._event("Normal", "RolloutCompleted", f"revision {ctx.revision} is stable"))
             rollout.record_result(BLUE_GREEN, COMPLETED)
             state.update(phase=COMPLETED, weight=100, message=f"revision {ctx.revision} promoted to stable")
+        if state["phase"] == ABORTED:  # aborted by analysis in this pass: switch back and scale down now
+            state["active"] = stable_revision
+            _scale(ctx, ctx.revision, 0)
     active = state.get("active", stable_revision)
     ctx.service_selector = active_selector(ctx.name, active)
     rollout.consume_annotations(ctx, human, state)

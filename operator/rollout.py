@@ -118,7 +118,10 @@ def reconcile_canary(ctx, stable_revision: str, now: float | None = None) -> Non
             state.pop("waitingFor", None)
         if human.pause and state["phase"] == PROGRESSING:
             state["phase"], state["message"] = PAUSED, "paused by a human (digital-worker resume to continue)"
-        if state["step"] >= len(steps) and state["phase"] not in (ABORTED,):
+        if state["phase"] == ABORTED:  # aborted by analysis in this pass: traffic goes back now, not next pass
+            _apply_sizes(ctx, stable_revision, stable=total, canary=0)
+            _apply_route(ctx, router, stable_revision, 0)
+        elif state["step"] >= len(steps):
             _complete(ctx, state, stable_revision, total, router)
     consume_annotations(ctx, human, state)
     ctx.status["rollout"] = state
