@@ -245,6 +245,9 @@ def analysis_windows(spec: Mapping[str, Any]) -> list[float]:
     blue_green = rollout.get("blueGreen") or {}
     blocks += [blue_green[key] for key in ("prePromotionAnalysis", "postPromotionAnalysis")
                if isinstance(blue_green.get(key), Mapping)]
+    fallback = spec.get("fallback")
+    if isinstance(fallback, Mapping):  # the breaker judges the stable's error rate over unhealthySeconds
+        blocks.append({"windowSeconds": min(120, max(10, int(fallback.get("unhealthySeconds", 60) or 0)))})
     windows = []
     for block in blocks:
         try:
@@ -265,8 +268,15 @@ def rollout_in_progress(body: Mapping[str, Any]) -> bool:
         not body["metadata"].get("deletionTimestamp")
 
 
+def needs_scrape(body: Mapping[str, Any]) -> bool:
+    """A rollout in progress is analysed; a worker with a fallback model has its breaker watching."""
+    return rollout_in_progress(body) or bool((body.get("spec") or {}).get("fallback")) and \
+        not body["metadata"].get("deletionTimestamp")
+
+
 class RolloutScraper:
-    """Scrapes the pods of workers whose rollout is Progressing into an InProcessAnalysisProvider.
+    """Scrapes the pods of workers whose rollout is Progressing (or whose fallback breaker needs the
+    stable's error rate) into an InProcessAnalysisProvider.
 
     `list_pods(namespace, instance) -> [pod]` and `fetch(url) -> text` are the only I/O; both are
     called from `scrape_worker`, which the periodic loop runs in its thread pool."""
@@ -290,7 +300,7 @@ class RolloutScraper:
         progressing: set[WorkerKey] = set()
         due = []
         for body in bodies:
-            if not rollout_in_progress(body):
+            if not needs_scrape(body):
                 continue
             key = (body["metadata"]["namespace"], body["metadata"]["name"])
             progressing.add(key)
