@@ -63,8 +63,10 @@ class TourTiming:
         return cls(
             speed=speed,
             autoscale_interval=interval,
-            warmup=max(1.5 * interval, 40.0 / speed),
-            ramp=max(4.0 * interval, 100.0 / speed),
+            # At least six autoscaling ticks on the ramp: with Prometheus the request rate is a 60 s
+            # rate(), so the reactive signals (queue, TTFT) carry the scale-out on a short ramp.
+            warmup=max(1.0 * interval, 40.0 / speed),
+            ramp=max(6.0 * interval, 100.0 / speed),
             pause_seconds=max(2, round(20 / speed)),
             analysis_interval=analysis_interval,
             analysis_window=max(10, 2 * analysis_interval),
