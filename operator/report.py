@@ -26,10 +26,15 @@ def _mark(axis, data: dict[str, Any]) -> None:
             axis.axvline(marker["at"], color="grey", linestyle=":", linewidth=1)
             axis.annotate(marker["label"], (marker["at"], 1.0), xycoords=("data", "axes fraction"), rotation=90,
                           va="top", ha="right", fontsize=7, color="grey")
+    labelled: set[str] = set()
     for event in data.get("events", []):
-        colour = EVENT_COLOURS.get(event.get("reason"), "tab:orange" if event.get("type") == "Warning" else None)
-        if colour is not None or event.get("type") == "Warning":
-            axis.axvline(event["t"], color=colour or "tab:orange", alpha=0.5, linewidth=1)
+        reason = event.get("reason") or ""
+        colour = EVENT_COLOURS.get(reason, "tab:orange" if event.get("type") == "Warning" else None)
+        if colour is not None:
+            # One legend entry per kind of Event; the other lines of that kind stay unlabelled.
+            axis.axvline(event["t"], color=colour, alpha=0.5, linewidth=1,
+                         label=None if reason in labelled else f"Event {reason}")
+            labelled.add(reason)
 
 
 def _figure(title: str, ylabel: str):
@@ -51,7 +56,7 @@ def _save(figure, axis, data: dict[str, Any], path: Path) -> Path:
 
     _mark(axis, data)
     if axis.get_legend_handles_labels()[0]:
-        axis.legend(loc="upper left", fontsize=8)
+        axis.legend(loc="upper left", fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
