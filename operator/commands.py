@@ -225,27 +225,62 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
+    from digital_worker.cli import UserError
     from digital_worker.operator import schema as api
     from digital_worker.operator.dev import summary_tables
+    from digital_worker.operator.kube import KubeError
 
     client = connect(args.kubeconfig)
     console = Console(width=None if Console().is_terminal else 132)
-    workers, _ = summary_tables(client, args.namespace)
+    try:
+        workers, _ = summary_tables(client, args.namespace)
+        bodies = client.list(api.API_VERSION, api.PLURAL, args.namespace)
+    except KubeError as exc:
+        raise UserError(f"cannot read the cluster: {exc}") from None
     console.print(workers)
-    for body in client.list(api.API_VERSION, api.PLURAL, args.namespace):
+    for body in bodies:
         if args.name and body["metadata"]["name"] != args.name:
             continue
         status = body.get("status") or {}
-        rollout = status.get("rollout")
-        if rollout:
-            table = Table(title=f"Rollout of {body['metadata']['namespace']}/{body['metadata']['name']}")
-            for column in ("Phase", "Canary", "Stable", "Step", "Weight", "Message"):
-                table.add_column(column)
-            table.add_row(rollout.get("phase", ""), rollout.get("revision", ""), rollout.get("stableRevision", ""),
-                          str(rollout.get("step", "")), f"{rollout.get('weight', 0)}%", rollout.get("message", ""))
+        for table in rollout_tables(body):
             console.print(table)
         if status.get("autoscaling"):
             console.print(f"autoscaling: {json.dumps(status['autoscaling'])}")
+        if status.get("fallback"):
+            console.print(f"fallback: {json.dumps(status['fallback'])}")
     return 0
+
+
+def rollout_tables(body: dict) -> list:
+    """The rollout of one worker: revisions and weights, then each check's last value and verdict."""
+    from rich.table import Table
+
+    status = body.get("status") or {}
+    rollout = status.get("rollout")
+    if not rollout:
+        return []
+    where = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    strategy = rollout.get("strategy", "Canary")
+    table = Table(title=f"{strategy} rollout of {where}")
+    for column in ("Phase", "New", "Stable", "Step", "Weight", "Active" if strategy == "BlueGreen" else "Exact",
+                   "Message"):
+        table.add_column(column)
+    table.add_row(rollout.get("phase", ""), rollout.get("revision", ""), rollout.get("stableRevision", ""),
+                  str(rollout.get("step", "")), f"{rollout.get('weight', 0)}%",
+                  str(rollout.get("active" if strategy == "BlueGreen" else "exact", "")), rollout.get("message", ""))
+    tables = [table]
+    for key in ("analysis", "prePromotionAnalysis", "postPromotionAnalysis"):
+        analysis = rollout.get(key)
+        if not analysis or not analysis.get("checks"):
+            continue
+        checks = Table(title=f"{key}: {analysis.get('phase', '')}, {analysis.get('runs', 0)} run(s), "
+                             f"last {analysis.get('lastVerdict') or '-'}")
+        for column in ("Check", "Metric", "Value", "Stable", "Threshold", "Verdict", "Message"):
+            checks.add_column(column)
+        for check in analysis["checks"]:
+            checks.add_row(*(("-" if check.get(k) is None else
+                              f"{check[k]:.4g}" if isinstance(check.get(k), float) else str(check[k]))
+                             for k in ("name", "metric", "value", "baseline", "threshold", "verdict", "message")))
+        tables.append(checks)
+    return tables

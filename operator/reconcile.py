@@ -220,16 +220,21 @@ def reconcile_old_revisions(ctx: Context) -> object | None:
 
 
 def reconcile_service(ctx: Context) -> object | None:
+    """The stable Service, selecting what the routing steps chose (ctx.service_selector). A selector
+    change is a traffic switch (blue-green, the fallback breaker), not drift: it is patched whole,
+    with the keys no longer wanted set to null (a merge patch would keep them and pin traffic)."""
     desired = render.render_service(ctx.body, ctx.service_selector)
-    apply(ctx, desired)
-    # A merge patch only adds selector keys: drop the ones no longer wanted, or traffic stays pinned
-    # (e.g. to the old blue-green revision) after the selector was widened again.
-    actual = ctx.observed.named("services", desired["metadata"]["name"]) or {}
-    stale = set(((actual.get("spec") or {}).get("selector") or {})) - set(desired["spec"]["selector"])
-    if stale:
-        ctx.client.patch("v1", "services", ctx.namespace, desired["metadata"]["name"],
-                         {"spec": {"selector": {key: None for key in stale}}})
+    name = desired["metadata"]["name"]
+    actual = ctx.observed.named("services", name)
+    wanted = desired["spec"]["selector"]
+    current = ((actual or {}).get("spec") or {}).get("selector") or {}
+    if actual is not None and current != wanted:
+        ctx.client.patch("v1", "services", ctx.namespace, name,
+                         {"spec": {"selector": {**{key: None for key in current if key not in wanted}, **wanted}}})
         ctx.changes += 1
+        switched = {**actual, "spec": {**(actual.get("spec") or {}), "selector": dict(wanted)}}
+        ctx.observed.children["services"] = [switched if s is actual else s for s in ctx.observed.of("services")]
+    apply(ctx, desired)
     return None
 
 

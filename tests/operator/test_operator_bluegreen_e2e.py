@@ -115,6 +115,7 @@ def test_bluegreen_previews_warms_switches_and_keeps_the_old_revision_warm(small
     assert list(deployments(kube)) == [new]
     assert kube.get("v1", "services", NS, "bot-preview") is None
     assert {"RolloutStarted", "ActiveSwitched", "RolloutCompleted"} <= set(reasons(kube))
+    assert "DriftRepaired" not in reasons(kube), "a traffic switch is not drift"
 
 
 def test_bluegreen_undo_during_the_delay_is_instant(small_cluster):
