@@ -1,4 +1,5 @@
-"""The operator's periodic work across all DigitalWorkers: autoscaling ticks and GPU health checks.
+"""The operator's periodic work across all DigitalWorkers: autoscaling ticks and GPU health checks
+(and, without Prometheus, scraping the revisions of rollouts in progress for their analysis).
 
 Glue only: the decisions are made by `autoscaling.controller.Autoscaler` (forecast policy) and
 `gpu_health.decide` (pure); this module reads the inputs, applies the outcomes through the API
@@ -116,9 +117,10 @@ class AutoscalingLoop:
 
 
 class GpuHealthLoop:
-    """Replaces replicas on faulty GPUs and taints their nodes, from the node agents' metrics."""
+    """Replaces replicas on faulty GPUs and taints their nodes, from the node agents' metrics: through
+    Prometheus, or without it from the agents' own /metrics (those announced on their Node)."""
 
-    def __init__(self, client: KubeClient, prometheus_url: str, max_unavailable_share: float = 0.25) -> None:
+    def __init__(self, client: KubeClient, prometheus_url: str | None, max_unavailable_share: float = 0.25) -> None:
         self.client = client
         self.prometheus_url = prometheus_url
         self.max_unavailable_share = max_unavailable_share
@@ -130,7 +132,11 @@ class GpuHealthLoop:
         from digital_worker.operator import gpu_health
 
         try:
-            samples = tuple(gpu_health.fetch_gpu_health(self.prometheus_url))
+            if self.prometheus_url:
+                samples = tuple(gpu_health.fetch_gpu_health(self.prometheus_url))
+            else:
+                endpoints = gpu_health.agent_endpoints(self.client.list("v1", "nodes"))
+                samples = tuple(gpu_health.fetch_gpu_health_from_agents(endpoints))
         except gpu_health.GpuHealthUnavailable as exc:
             logger.info("GPU health unknown this round: %s", exc)
             return
@@ -172,25 +178,41 @@ class GpuHealthLoop:
 
 async def run_periodic(reconciler: Any, prometheus_url: str | None, *, tick_seconds: float = 1.0,
                        gpu_interval: float = 15.0) -> None:
-    """Both loops, until cancelled; workers come from the kopf index the handlers hand over."""
+    """Both loops, until cancelled; workers come from the kopf index the handlers hand over.
+
+    Without a Prometheus URL the operator measures for itself: the autoscaler scrapes the replicas,
+    rollout analysis reads `RolloutScraper`'s scrapes of rollouts in progress (set as the
+    reconciler's `analysis_provider`), and GPU health reads the node agents' pages directly."""
     loop = asyncio.get_running_loop()
 
     async def run_sync(fn, *args):
         return await loop.run_in_executor(reconciler.executor, fn, *args)
 
     autoscaling = AutoscalingLoop(reconciler.client, run_sync, reconciler.post_event, prometheus_url)
-    gpu = GpuHealthLoop(reconciler.client, prometheus_url) if prometheus_url else None
+    gpu = GpuHealthLoop(reconciler.client, prometheus_url)
+    analysis_scraper = None
+    if prometheus_url is None:
+        from digital_worker.operator.inprocess_analysis import RolloutScraper
+
+        analysis_scraper = RolloutScraper()
+        reconciler.analysis_provider = analysis_scraper.provider
+
+    def list_worker_pods(namespace: str, name: str) -> list[dict[str, Any]]:
+        return reconciler.client.list("v1", "pods", namespace, f"{INSTANCE_LABEL}={name}")
+
     next_gpu_check = 0.0
     fallback_evaluated: dict[tuple[str, str], float] = {}  # fallback breakers tick on the clock (fallback.py)
     while True:
         await asyncio.sleep(tick_seconds)  # each worker is only ticked when its own interval is due
         bodies = [body for store in list((reconciler.workers or {}).values()) for body in store]
         await autoscaling.tick_all(bodies)
+        if analysis_scraper is not None:
+            await analysis_scraper.tick_all(bodies, list_worker_pods, run_sync)
         for body in bodies:  # canary pauses and analyses run on the clock, not only on events
             if ((body.get("status") or {}).get("rollout") or {}).get("phase") == "Progressing" or \
                     fallback.evaluation_due(body, fallback_evaluated, time.monotonic()):
                 reconciler.schedule(body)
-        if gpu is not None and time.monotonic() >= next_gpu_check:
+        if time.monotonic() >= next_gpu_check:
             next_gpu_check = time.monotonic() + gpu_interval
             try:
                 await run_sync(gpu.check_sync, bodies)
