@@ -52,6 +52,7 @@ def worker(name: str, replicas: int, weight: int, interval: int) -> dict:
     body["spec"]["runtime"].pop("apiKeySecretRef")
     body["spec"]["replicas"] = replicas
     body["spec"]["autoscaling"] = {"mode": "Off"}
+    body["spec"].pop("fallback", None)  # the breaker watches the stable, which stays healthy: not measured here
     body["spec"]["rollout"] = {
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": weight}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
