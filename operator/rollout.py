@@ -107,6 +107,8 @@ def reconcile_canary(ctx, stable_revision: str, now: float | None = None) -> Non
         _apply_sizes(ctx, stable_revision, stable=total, canary=0)
         _apply_route(ctx, router, stable_revision, 0)
     else:
+        if state["phase"] != COMPLETED and state["step"] < len(steps) and "setWeight" not in steps[state["step"]]:
+            keep_split(ctx, state, stable_revision, total, router)
         while state["step"] < len(steps) and not human.pause:
             if not _run_step(ctx, state, steps[state["step"]], stable_revision, total, now, promote == "step",
                              human.resume, router):
@@ -226,6 +228,26 @@ def _run_step(ctx, state: dict[str, Any], step: dict[str, Any], stable_revision:
         return run_analysis(ctx, state, settings, stable_revision, now, promoted, resuming,
                             label=f"step {state['step']}")
     return True
+
+
+def keep_split(ctx, state: dict[str, Any], stable_revision: str, total: int, router) -> None:
+    """Between setWeight steps (a pause, an analysis) the last weight holds for the current total:
+    the autoscaler sizes the worker through spec.replicas and the rollout splits whatever it is."""
+    weight = state.get("requestedWeight")
+    if weight is None:
+        return
+    stable_d, canary_d = _deployment(ctx, stable_revision), _deployment(ctx, ctx.revision)
+    current = ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
+                            canary=int(((canary_d or {}).get("spec") or {}).get("replicas", 0)),
+                            stable_ready=_ready(stable_d), canary_ready=_ready(canary_d))
+    wanted = router.plan(total, int(weight), current)
+    if (wanted.stable_replicas, wanted.canary_replicas) == (current.stable, current.canary):
+        return  # nothing to resize: the common case, no capacity lookups
+    plan, waiting = plan_with_capacity(ctx, router, total, int(weight), current, stable_d)
+    _apply_sizes(ctx, stable_revision, stable=plan.stable_replicas, canary=plan.canary_replicas)
+    _apply_route(ctx, router, stable_revision, plan.effective_weight)
+    state["weight"] = round(plan.effective_weight, 1)
+    note_capacity(ctx, state, waiting)
 
 
 # --- GPU capacity -----------------------------------------------------------------------------------

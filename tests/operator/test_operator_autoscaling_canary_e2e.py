@@ -42,11 +42,7 @@ def sizes(kube) -> dict[str, int]:
             for d in kube.list("apps/v1", "deployments", "ai", f"{api.LABEL_INSTANCE}={NAME}")}
 
 
-# Known bug (reported to the lead, rollout.py is not ours): a canary paused on a `pause` step does not
-# re-run the preceding setWeight sizing, so a new spec.replicas from the autoscaler is not split
-# until the rollout moves on. Strict: when rollout.py is fixed this turns into an XPASS failure
-# and the marker must go.
-@pytest.mark.xfail(strict=True, reason="paused canary keeps the old split when spec.replicas changes")
+# A canary paused between setWeight steps keeps its weight for whatever total the autoscaler sets.
 def test_autoscaler_sizes_the_total_and_the_paused_canary_splits_it(canary_cluster):
     kube = KubeClient.from_kubeconfig(str(canary_cluster.kubeconfig_path))
     worker = scaling_worker(NAME, "Auto")
