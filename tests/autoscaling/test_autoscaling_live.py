@@ -320,8 +320,14 @@ async def test_prometheus_source_reads_the_node_agents_gpu_series(tmp_path, prom
             await asyncio.to_thread(prometheus.wait_for, 'DCGM_FI_DEV_GPU_UTIL{pod=~"bot-.*"}', 30,
                                     lambda r: len(r) == 2)
             source = PrometheusMetricsSource(prometheus.url)
-            history = await asyncio.to_thread(source.history, 'job="dw-none"', 60.0, 5.0, None, None,
-                                              ("ai", ("bot-a", "bot-b")))
+            # The range query's end is rounded to whole seconds: a sample scraped within the last
+            # second can be just past it, so ask again until the first one is in range.
+            for _ in range(20):
+                history = await asyncio.to_thread(source.history, 'job="dw-none"', 60.0, 5.0, None, None,
+                                                  ("ai", ("bot-a", "bot-b")))
+                if history.error is not None or history.latest(GPU_UTILIZATION) is not None:
+                    break
+                await asyncio.sleep(0.5)
             without_pods = await asyncio.to_thread(source.history, 'job="dw-none"', 60.0, 5.0)
     assert history.error is None
     assert history.latest(GPU_UTILIZATION) == pytest.approx(0.8)  # the worker's two GPUs, not the other pod's
