@@ -296,9 +296,17 @@ def apply(ctx: Context, desired: dict[str, Any]) -> bool:
     except NotFound:
         ctx.client.create(desired)
     ctx.changes += 1
-    if already_applied(ctx):
+    # A new replica count is scaling (spec.replicas, the autoscaler, a rollout step), not drift.
+    if already_applied(ctx) and not is_subset(_without_replicas(managed), _without_replicas(actual)):
         ctx.events.append(Event("Normal", "DriftRepaired", f"{desired['kind']} {name} had drifted: restored"))
     return False
+
+
+def _without_replicas(obj: dict[str, Any]) -> dict[str, Any]:
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or "replicas" not in spec:
+        return obj
+    return {**obj, "spec": {key: value for key, value in spec.items() if key != "replicas"}}
 
 
 def already_applied(ctx: Context) -> bool:

@@ -105,6 +105,7 @@ def test_scale_subresource_drives_the_deployment(operator, kube, namespace):
     wait_until(lambda: (s := status(kube, namespace)).get("readyReplicas") == 3 and s.get("phase") == "Ready",
                message=lambda: f"scaled to 3: {get_worker(kube, namespace)}")
     assert deployments(kube, namespace)[0]["spec"]["replicas"] == 3
+    assert "DriftRepaired" not in {e["reason"] for e in events(kube, namespace)}, "scaling is not drift"
 
 
 def test_delete_cascades(operator, kube, namespace):
