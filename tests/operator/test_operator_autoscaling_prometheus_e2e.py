@@ -84,8 +84,8 @@ def test_auto_follows_a_ramp_from_prometheus_dry_run_changes_nothing_and_it_hold
         for name, mode in (("prom-bot", "Auto"), ("prom-dry", "DryRun")):
             kube.create(scaling_worker(name, mode))
         for name in ("prom-bot", "prom-dry"):
-            wait_until(lambda: ((kube.get(api.API_VERSION, api.PLURAL, "ai", name) or {}).get("status") or {})
-                       .get("phase") == "Ready", timeout=30, message="Ready")
+            wait_until(lambda name=name: ((kube.get(api.API_VERSION, api.PLURAL, "ai", name) or {}).get("status") or {})
+                       .get("phase") == "Ready", timeout=30, message=f"{name} Ready")
         stop = threading.Event()
         started = time.monotonic()
         threads = [threading.Thread(target=target, args=args, daemon=True) for target, args in (
