@@ -113,6 +113,10 @@ class Traffic:
             return {revision: sum(c.values()) for revision, c in self.counts.items()}
 
 
+def _since(start: float | None, end: float | None) -> float | None:
+    return round(end - start, 2) if start is not None and end is not None else None
+
+
 def scenario(replicas: int, weight: int, interval: int, error_rate: float, rate: float) -> dict:
     name = f"bench-{replicas}-{weight}"
     body = worker(name, replicas, weight, interval)
@@ -140,11 +144,17 @@ def scenario(replicas: int, weight: int, interval: int, error_rate: float, rate:
             before = traffic.snapshot()
             kube.patch(api.API_VERSION, api.PLURAL, NAMESPACE, name, {"spec": {"model": {"revision": "bad"}}})
             deadline = time.monotonic() + 180
-            rolled_back_at = None
+            rolled_back_at = aborted_at = analysis_started_at = None
+            runs: dict = {}
             while time.monotonic() < deadline:
                 deployments = {d["metadata"]["labels"][api.LABEL_REVISION]: d for d in
                                kube.list("apps/v1", "deployments", NAMESPACE, f"{api.LABEL_INSTANCE}={name}")}
                 status = kube.get(api.API_VERSION, api.PLURAL, NAMESPACE, name).get("status") or {}
+                state = status.get("rollout") or {}
+                if analysis_started_at is None and state.get("step") == 1:
+                    analysis_started_at = time.monotonic()
+                if aborted_at is None and state.get("phase") == "Aborted":
+                    aborted_at, runs = time.monotonic(), state.get("analysis") or {}
                 if (status.get("rollout") or {}).get("phase") == "Aborted" and \
                         (deployments.get(bad, {}).get("status") or {}).get("replicas", 0) == 0 and \
                         (deployments.get(stable, {}).get("status") or {}).get("readyReplicas", 0) >= replicas:
@@ -168,6 +178,13 @@ def scenario(replicas: int, weight: int, interval: int, error_rate: float, rate:
                 "configured_canary_weight": weight / 100,
                 "share_over_weight": round(served.get(bad, 0) / total / (weight / 100), 2),
                 "requests": total,
+                # Where the rollback time goes: canary serving -> analysis step -> abort -> stable whole.
+                "analysis_step_after_first_bad_seconds": _since(first_bad, analysis_started_at),
+                "abort_after_first_bad_seconds": _since(first_bad, aborted_at),
+                "restore_after_abort_seconds": _since(aborted_at, rolled_back_at),
+                "analysis_runs": runs.get("runs"),
+                "inconclusive_runs": (runs.get("runs") or 0) - (runs.get("consecutiveFailures") or 0)
+                - (runs.get("successfulRuns") or 0),
             }
     finally:
         prometheus.stop()
@@ -187,7 +204,8 @@ def main() -> int:
     results = [scenario(replicas, weight, args.interval, args.error_rate, args.rate)
                for replicas, weight in ((4, 25), (10, 10))]
     columns = ("scenario", "rolled_back", "rollback_seconds", "rollback_intervals", "bad_revision_request_share",
-               "configured_canary_weight", "share_over_weight", "requests")
+               "configured_canary_weight", "share_over_weight", "requests", "analysis_step_after_first_bad_seconds",
+               "abort_after_first_bad_seconds", "restore_after_abort_seconds", "inconclusive_runs")
     print(" | ".join(columns))
     for row in results:
         print(" | ".join(str(row[c]) for c in columns))
