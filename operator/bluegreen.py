@@ -37,6 +37,7 @@ logger = logging.getLogger("digital_worker.operator")
 
 SIM_ENDPOINT_ANNOTATION = f"{api.GROUP}/sim-endpoint"
 WARMUP_TIMEOUT_SECONDS = 10.0
+WARMUP_ATTEMPTS = 30  # passes with a preview pod failing /health_generate before the rollout aborts
 
 
 def reconcile_bluegreen(ctx, stable_revision: str, now: float | None = None) -> None:
@@ -109,30 +110,32 @@ def reconcile_preview(ctx, state, settings, stable_revision, total, now, promote
 
 
 def reconcile_warmup(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
+    """`/health_generate` must answer on every preview pod (retried each pass; after
+    WARMUP_ATTEMPTS failed passes the rollout aborts). The synthetic requests then warm caches and
+    give pre-promotion analysis its first traffic; how they went is for the analysis to judge."""
     if promoted:
         return True
-    requests = int(settings.get("warmupRequests", 0))
     urls = _ready_pod_urls(ctx, ctx.revision)
     if not urls:
         state["message"] = "warm-up: no ready preview pod to warm"
         return False
     headers = _auth_headers(ctx)
-    failures = []
-    for url in urls:
-        problem = _call(f"{url}/health_generate", None, headers)
-        if problem:
-            failures.append(f"{url}/health_generate: {problem}")
+    unhealthy = [f"{url}/health_generate: {problem}" for url in urls
+                 if (problem := _call(f"{url}/health_generate", None, headers))]
+    if unhealthy:
+        state["warmupFailures"] = failures = int(state.get("warmupFailures", 0)) + 1
+        if failures >= WARMUP_ATTEMPTS:
+            rollout._abort(ctx, state, f"preview never passed /health_generate ({failures} tries): {unhealthy[0]}")
+            return False
+        state["message"] = f"warm-up: {len(unhealthy)} pod(s) not generating yet (try {failures}): {unhealthy[0]}"
+        return False
+    requests = int(settings.get("warmupRequests", 0))
     body = {"model": ctx.spec["model"]["name"], "max_tokens": 8,
             "messages": [{"role": "user", "content": "Warm-up request from the digital-worker operator."}]}
-    for index in range(requests if not failures else 0):
-        problem = _call(f"{urls[index % len(urls)]}/v1/chat/completions", body, headers)
-        if problem:
-            failures.append(f"warm-up request {index}: {problem}")
-    if failures:
-        state["message"] = f"warm-up: {len(failures)} failure(s), retrying: {failures[0]}"
-        state["warmupFailures"] = int(state.get("warmupFailures", 0)) + 1
-        return False
-    state["message"] = f"warm-up: {len(urls)} pod(s) healthy, {requests} warm-up request(s) served"
+    failed = sum(1 for index in range(requests)
+                 if _call(f"{urls[index % len(urls)]}/v1/chat/completions", body, headers))
+    state["message"] = (f"warm-up: {len(urls)} pod(s) generating, {requests - failed}/{requests} warm-up "
+                        f"request(s) answered")
     return True
 
 

@@ -192,3 +192,67 @@ def test_canary_waits_for_gpus_then_shifts_when_max_unavailable_allows(small_clu
     counts = {rev: d["spec"]["replicas"] for rev, d in deployments(kube).items()}
     assert counts == {first["currentRevision"]: 2, state["revision"]: 2} and state["weight"] == 50
     assert peak <= 8, "never more GPUs requested than the nodes have"
+
+
+@pytest.mark.parametrize("phase", ["prePromotionAnalysis", "postPromotionAnalysis"])
+def test_bluegreen_analysis_failure_keeps_or_puts_traffic_back_on_the_stable(phase, prometheus):
+    """A preview answering half its requests with errors: judged before the switch (warm-up requests
+    are its first traffic) it never gets the active Service; judged after, the active Service goes
+    straight back to the still-warm stable. Real Prometheus, simulated replicas, real load."""
+    import threading
+
+    from operator_support import load, sync_targets_by_revision
+
+    name = "bg-" + phase[:4].lower()
+    runtime = SimulatedSglangPods()
+    with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", NS)) as cluster, \
+            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2, env={"DW_PROMETHEUS_URL": prometheus.url}):
+        kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
+        body = copy.deepcopy(EXAMPLE)
+        body["metadata"] = {"name": name, "namespace": NS}
+        body["spec"]["runtime"].pop("apiKeySecretRef")
+        body["spec"].pop("fallback", None)
+        body["spec"]["replicas"] = 2
+        body["spec"]["autoscaling"] = {"mode": "Off"}
+        body["spec"]["rollout"] = {"strategy": "BlueGreen", "blueGreen": {
+            "warmupRequests": 40, "scaleDownDelaySeconds": 600,
+            phase: {"intervalSeconds": 5, "windowSeconds": 20, "minRequests": 10, "maxErrorRate": 0.05,
+                    "failureLimit": 1, "inconclusiveLimit": 6}}}
+        kube.create(body)
+        first = wait_until(lambda: (s := (kube.get(api.API_VERSION, api.PLURAL, NS, name) or {}).get("status") or {})
+                           .get("phase") == "Ready" and s, timeout=30)
+        old = first["currentRevision"]
+        stop = threading.Event()
+        threads = [threading.Thread(target=sync_targets_by_revision, args=(kube, prometheus, name, stop), daemon=True),
+                   threading.Thread(target=load, args=(kube, name, 10.0, stop), daemon=True)]
+        for thread in threads:
+            thread.start()
+        switched_seen = []
+        try:
+            spec = copy.deepcopy(body["spec"])
+            spec["model"]["revision"] = "v2"
+            from digital_worker.operator import render, spec as dw_spec
+
+            runtime.inject(render.revision_hash(dw_spec.normalize_spec(spec)[0]), error_rate=0.5)
+            kube.patch(api.API_VERSION, api.PLURAL, NS, name, {"spec": {"model": {"revision": "v2"}}})
+
+            def aborted():
+                state = ((kube.get(api.API_VERSION, api.PLURAL, NS, name) or {}).get("status") or {}).get("rollout") or {}
+                if state.get("active") not in (None, old):
+                    switched_seen.append(state["step"])
+                return state if state.get("phase") == "Aborted" else None
+
+            state = wait_until(aborted, timeout=90, interval=0.3, message=lambda: kube.get(
+                api.API_VERSION, api.PLURAL, NS, name).get("status"))
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+        assert "analysis failed" in state["abortReason"] and state[phase]["lastVerdict"] == "Failed"
+        assert state["active"] == old
+        assert bool(switched_seen) == (phase == "postPromotionAnalysis"), switched_seen
+        selector_now = kube.get("v1", "services", NS, name)["spec"]["selector"]
+        assert selector_now[api.LABEL_REVISION] == old
+        wait_until(lambda: {d["metadata"]["labels"][api.LABEL_REVISION]: d["spec"]["replicas"] for d in
+                            kube.list("apps/v1", "deployments", NS, f"{api.LABEL_INSTANCE}={name}")}
+                   == {old: 2, state["revision"]: 0}, message="new revision scaled down")
