@@ -102,3 +102,53 @@ def test_analysis_without_metrics_pauses_never_promotes(operator, kube, namespac
     assert len(deployments(kube, namespace)) == 2  # not promoted: both revisions still there
     conditions = {c["type"]: c for c in status(kube, namespace)["conditions"]}
     assert conditions["Progressing"]["status"] == "False" and conditions["Progressing"]["reason"] == "RolloutPaused"
+
+
+def test_gateway_api_canary_sets_exact_httproute_weights(operator, kube, namespace):
+    """With trafficRouting.gatewayAPI the split is exact: HTTPRoute backend weights over the per-revision
+    Services; the stable keeps its full size until the canary takes everything."""
+    routing = {"gatewayAPI": {"httpRoute": "bot-route", "parentRef": {"name": "edge", "namespace": "gateways"}}}
+
+    body = copy.deepcopy(EXAMPLE)
+    body["metadata"] = {"name": "bot", "namespace": namespace}
+    body["spec"]["runtime"].pop("apiKeySecretRef")
+    body["spec"].pop("fallback", None)
+    body["spec"]["replicas"] = 4
+    body["spec"]["autoscaling"] = {"mode": "Off"}
+    body["spec"]["rollout"] = {"strategy": "Canary", "canary": {"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 100}],
+                                                                 "maxSurge": 1,
+                                                                 "trafficRouting": routing}}
+    kube.create(body)
+    first = wait_until(lambda: (s := status(kube, namespace)).get("phase") == "Ready" and s, message="Ready")
+
+    def route():
+        return kube.get("gateway.networking.k8s.io/v1", "httproutes", namespace, "bot-route") or {}
+
+    def weights():
+        refs = ((route().get("spec") or {}).get("rules") or [{}])[0].get("backendRefs") or []
+        return {ref["name"]: ref["weight"] for ref in refs}
+
+    wait_until(lambda: weights() == {"bot-stable": 100, "bot-canary": 0}, message=lambda: route())
+    new_revision(kube, namespace)
+    paused = wait_until(lambda: (r := rollout(kube, namespace)).get("phase") == "Paused" and r, timeout=40,
+                        message=lambda: rollout(kube, namespace))
+    assert weights() == {"bot-stable": 75, "bot-canary": 25} and paused["weight"] == 25 and paused["exact"]
+    selectors = {name: kube.get("v1", "services", namespace, name)["spec"]["selector"][api.LABEL_REVISION]
+                 for name in ("bot-stable", "bot-canary")}
+    assert selectors == {"bot-stable": first["currentRevision"], "bot-canary": paused["revision"]}
+    sizes = {rev: d["spec"]["replicas"] for rev, d in deployments(kube, namespace).items()}
+    assert sizes == {first["currentRevision"]: 4, paused["revision"]: 1}, "exact weights: the stable stays whole"
+    assert route()["spec"]["parentRefs"][0]["name"] == "edge"
+    assert cli_promote(kube, namespace)
+    done = wait_until(lambda: (s := status(kube, namespace)).get("phase") == "Ready" and
+                      s.get("currentRevision") != first["currentRevision"] and s, timeout=40,
+                      message=lambda: status(kube, namespace))
+    wait_until(lambda: kube.get("v1", "services", namespace, "bot-stable")["spec"]["selector"][api.LABEL_REVISION]
+               == done["currentRevision"], message="stable Service follows the promoted revision")
+    assert weights() == {"bot-stable": 100, "bot-canary": 0}
+
+
+def cli_promote(kube, namespace) -> bool:
+    kube.patch(api.API_VERSION, api.PLURAL, namespace, "bot",
+               {"metadata": {"annotations": {f"{api.GROUP}/promote": "step"}}})
+    return True
