@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from .forecast import MAX_FIT_BUCKETS, Forecast, IncrementalForecaster, fit_forecaster
-from .history import REQUEST_RATE, MetricHistory
+from .history import GPU_MEMORY_USED, GPU_UTILIZATION, REQUEST_RATE, MetricHistory
 from .metrics import MetricsSource
 from .policy import (HOLD, HOLD_METRICS_MISSING, HOLD_METRICS_STALE, Decision, ForecastPolicy, ForecastPolicyState,
                      PolicyContext, lead_time_seconds)
@@ -303,9 +303,10 @@ class Autoscaler:
             namespace, _, name = key.rpartition("/")
             self.metrics.record(namespace, name, decision, spec.mode, replicas, decision.forecast or forecast,
                                 entry.last_error)
-        return decision, self._status(spec, decision, entry, replicas, ready_replicas)
+        return decision, self._status(spec, decision, entry, replicas, ready_replicas, history)
 
-    def _status(self, spec: AutoscalingSpec, decision: Decision, entry: _Entry, replicas: int, ready: int) -> dict:
+    def _status(self, spec: AutoscalingSpec, decision: Decision, entry: _Entry, replicas: int, ready: int,
+                history: MetricHistory | None = None) -> dict:
         state = entry.policy_state
         status: dict[str, Any] = {
             "mode": spec.mode,
@@ -335,4 +336,9 @@ class Autoscaler:
             status["learnedColdStartSeconds"] = round(state.cold_start_seconds, 1)
         if entry.last_fit_seconds is not None:
             status["lastFitSeconds"] = round(entry.last_fit_seconds, 3)
+        # What the node agents report for this worker's GPUs, when they do (policy inputs).
+        for field_name, series in (("gpuUtilization", GPU_UTILIZATION), ("gpuMemoryUsed", GPU_MEMORY_USED)):
+            value = history.latest(series) if history is not None else None
+            if value is not None:
+                status[field_name] = round(value, 4)
         return {k: v for k, v in status.items() if v is not None}

@@ -12,6 +12,8 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from digital_worker.operator import schema as api
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
@@ -137,3 +139,41 @@ def test_auto_follows_a_ramp_from_prometheus_dry_run_changes_nothing_and_it_hold
         assert deployment["spec"]["replicas"] == 1
         reasons = [e["reason"] for e in kube.list("v1", "events", "ai") if e["involvedObject"]["name"] == "prom-dry"]
         assert "WouldScale" in reasons and "Scaled" not in reasons
+
+
+def test_gpu_load_of_the_workers_pods_reaches_the_autoscaler(prometheus):
+    """The node agents (real agent code per emulated GPU node, fake NVML, GPUs attributed to the
+    emulated pods) scraped by a real Prometheus: the operator's autoscaler reads the utilisation and
+    memory of the GPUs held by this worker's pods (and no others) and reports them in status."""
+    from digital_worker.operator.runner import OperatorThread
+    from digital_worker.operator.simnodes import start_simulated_node_agents
+
+    name = "gpu-watch"
+    with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
+            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}), \
+            start_simulated_node_agents(cluster, interval=0.5) as agents:
+        kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
+        kube.create(scaling_worker(name, "DryRun"))
+        wait_until(lambda: ((kube.get(api.API_VERSION, api.PLURAL, "ai", name) or {}).get("status") or {})
+                   .get("phase") == "Ready", timeout=30, message="Ready")
+        assignments = wait_until(lambda: {key: value for key, value in agents.gpu_assignments().items()
+                                          if key[0] == "ai"}, message="GPUs attributed to the worker's pod")
+        for target in agents.scrape_targets():
+            prometheus.set_targets(f"gpu-agent-{target['labels']['node']}", target["targets"], target["labels"])
+        stop = threading.Event()
+        syncer = threading.Thread(target=keep_targets_in_sync, args=(kube, prometheus, name, stop), daemon=True)
+        syncer.start()
+        try:
+            pod = next(iter(assignments))[1]
+            reported = prometheus.wait_for(f'DCGM_FI_DEV_GPU_UTIL{{namespace="ai",pod="{pod}"}}', timeout=30,
+                                           predicate=lambda result: len(result) == 2)
+            expected = sum(float(series["value"][1]) for series in reported) / len(reported) / 100.0
+            autoscaling = wait_until(
+                lambda: (a := ((kube.get(api.API_VERSION, api.PLURAL, "ai", name).get("status") or {})
+                               .get("autoscaling") or {})).get("gpuUtilization") is not None and a,
+                timeout=40, interval=1, message="GPU utilisation in status.autoscaling")
+        finally:
+            stop.set()
+            syncer.join(10)
+    assert autoscaling["gpuUtilization"] == pytest.approx(expected, abs=0.02)
+    assert 0 < autoscaling["gpuMemoryUsed"] < 1
