@@ -140,12 +140,17 @@ def reconcile_warmup(ctx, state, settings, stable_revision, total, now, promoted
 
 
 def reconcile_pre_promotion_analysis(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
-    analysis = settings.get("prePromotionAnalysis")
+    return _analysis(ctx, state, settings, "prePromotionAnalysis", stable_revision, now, promoted, resuming)
+
+
+def _analysis(ctx, state, settings, key: str, stable_revision, now, promoted, resuming) -> bool:
+    """A configured blue-green analysis (spec.rollout.analysis overridden by its own fields); absent: done."""
+    analysis = settings.get(key)
     if analysis is None:
         return True
     merged = {**(ctx.spec.get("rollout", {}).get("analysis") or {}), **analysis}
-    return rollout.run_analysis(ctx, state, merged, stable_revision, now, promoted, resuming,
-                                label="pre-promotion", key="prePromotionAnalysis")
+    label = "pre-promotion" if key == "prePromotionAnalysis" else "post-promotion"
+    return rollout.run_analysis(ctx, state, merged, stable_revision, now, promoted, resuming, label=label, key=key)
 
 
 def reconcile_promotion_gate(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
@@ -175,12 +180,7 @@ def reconcile_switch(ctx, state, settings, stable_revision, total, now, promoted
 
 
 def reconcile_post_promotion_analysis(ctx, state, settings, stable_revision, total, now, promoted, resuming) -> bool:
-    analysis = settings.get("postPromotionAnalysis")
-    if analysis is None:
-        return True
-    merged = {**(ctx.spec.get("rollout", {}).get("analysis") or {}), **analysis}
-    passed = rollout.run_analysis(ctx, state, merged, stable_revision, now, promoted, resuming,
-                                  label="post-promotion", key="postPromotionAnalysis")
+    passed = _analysis(ctx, state, settings, "postPromotionAnalysis", stable_revision, now, promoted, resuming)
     if state["phase"] == ABORTED:
         state.update(active=stable_revision, weight=0)  # the stable is still warm: switch straight back
     return passed
