@@ -152,3 +152,19 @@ def cli_promote(kube, namespace) -> bool:
     kube.patch(api.API_VERSION, api.PLURAL, namespace, "bot",
                {"metadata": {"annotations": {f"{api.GROUP}/promote": "step"}}})
     return True
+
+
+def test_undo_mid_canary_goes_back_to_the_warm_stable(operator, kube, namespace):
+    first = make(kube, namespace, [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}])
+    new_revision(kube, namespace)
+    wait_until(lambda: rollout(kube, namespace).get("phase") == "Paused", timeout=40,
+               message=lambda: rollout(kube, namespace))
+    stable_pods = {p["metadata"]["name"] for p in kube.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}=bot")
+                   if p["metadata"]["labels"][api.LABEL_REVISION] == first["currentRevision"]}
+    kube.patch(api.API_VERSION, api.PLURAL, namespace, "bot", {"spec": {"model": {"revision": "main"}}})
+    back = wait_until(lambda: list(deployments(kube, namespace)) == [first["currentRevision"]] and
+                      (s := status(kube, namespace)).get("phase") == "Ready" and s, timeout=20,
+                      message=lambda: status(kube, namespace))
+    assert back["currentRevision"] == first["currentRevision"]
+    still = {p["metadata"]["name"] for p in kube.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}=bot")}
+    assert stable_pods <= still, "the stable's pods kept serving: no cold start"
