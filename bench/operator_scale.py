@@ -92,6 +92,8 @@ def main() -> int:
     example = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
     example["spec"]["replicas"] = 1
     example["spec"]["autoscaling"] = {"mode": "Off"}
+    # The example carries a fallback model (a second Deployment per worker): the target is about workers.
+    example["spec"].pop("fallback", None)
     created: dict[str, float] = {}
     first_deployment: dict[str, float] = {}
     reconciled: dict[str, float] = {}
@@ -124,7 +126,8 @@ def main() -> int:
     profiler = None
     if os.environ.get("DW_BENCH_PYSPY"):  # optional: where does the operator's time go?
         target = cluster.pid if os.environ.get("DW_BENCH_PYSPY_TARGET") == "api" else operator.pid
-        profiler = subprocess.Popen(["py-spy", "record", "--format", "raw", "--threads", "--nonblocking",
+        extra = os.environ.get("DW_BENCH_PYSPY_ARGS", "").split()  # e.g. --gil: only samples holding the GIL
+        profiler = subprocess.Popen(["py-spy", "record", "--format", "raw", "--threads", "--nonblocking", *extra,
                                      "-o", os.environ["DW_BENCH_PYSPY"], "--pid", str(target)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -2,12 +2,18 @@
 
 - One reconcile at a time per DigitalWorker; triggers that arrive meanwhile coalesce into one more pass.
 - The kubernetes client is synchronous, so passes run in a thread pool, never on the event loop.
+- Passes that act on a spec not yet reconciled (a new worker, a spec change) go before the others
+  (child events, resyncs): with a thousand workers pending, a new one still gets its Deployment soon.
+- Only a change to what reconcile reads (spec, labels, annotations, deletion) triggers a pass from
+  the worker's own watch events: the echo of our own status write is no reason for another pass.
 - Status is patched once per pass and only when it changed; Events are posted for transitions.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
+import itertools
 import logging
 import os
 import time
@@ -61,10 +67,76 @@ def plain(value: Any) -> Any:
     return value
 
 
+def copy_json(value: Any) -> Any:
+    """A deep copy of parsed JSON (dicts, lists, scalars): several times faster than copy.deepcopy."""
+    if type(value) is dict:
+        return {key: copy_json(item) for key, item in value.items()}
+    if type(value) is list:
+        return [copy_json(item) for item in value]
+    return value
+
+
 def raw_body(body: Any) -> Any:
     """The raw dict under a kopf Body, without copying (for read-only use, e.g. child indices)."""
     source = getattr(body, "_src", None)
     return source if isinstance(source, dict) else plain(body)
+
+
+# Pass priorities: lower goes first.
+URGENT = 0  # the spec has not been reconciled yet (new worker, spec change)
+ROUTINE = 1  # anything else: child events, resyncs, periodic rollout steps
+
+
+def pass_priority(body: dict[str, Any]) -> int:
+    status = body.get("status") or {}
+    if status.get("observedGeneration") != body["metadata"].get("generation"):
+        return URGENT
+    return ROUTINE
+
+
+def essence(body: dict[str, Any]) -> tuple:
+    """What a reconcile pass reads of the worker itself, apart from its own status."""
+    meta = body.get("metadata") or {}
+    return (body.get("spec"), meta.get("labels"), meta.get("annotations"), meta.get("deletionTimestamp"),
+            meta.get("generation"))
+
+
+class PriorityGate:
+    """At most `size` holders at once; waiters are let in by priority, then in arrival order.
+
+    A plain executor queue is FIFO: a thousand routine passes queued ahead would delay a new
+    worker's first pass by all of them. Holding back the passes here, on the event loop, keeps the
+    executor's own queue empty, so priorities decide what runs next."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._order), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
 
 class Reconciler:
@@ -72,9 +144,13 @@ class Reconciler:
         self.client = client
         self.prometheus_url = prometheus_url
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reconcile")
+        self.gate = PriorityGate(threads)
         self._latest: dict[tuple[str, str], dict[str, Any]] = {}
-        self._running: set[tuple[str, str]] = set()
-        self._pending: set[tuple[str, str]] = set()
+        # The essence of each worker as last handed to a pass (see `wants_pass`).
+        self._essences: dict[tuple[str, str], tuple] = {}
+        self._running: set[tuple[str, str]] = set()  # a pass is waiting at the gate or under way
+        self._queued: set[tuple[str, str]] = set()  # a pass is waiting at the gate: it has not read its body yet
+        self._pending: set[tuple[str, str]] = set()  # triggered while a pass was under way: one more pass
         self._tasks: set[asyncio.Task] = set()
         # kopf indices of the children by (namespace, owner name), set by the handlers; None: list from the API.
         self.children: dict[str, Any] | None = None
@@ -86,6 +162,25 @@ class Reconciler:
     def from_settings(cls, settings: OperatorSettings) -> "Reconciler":
         return cls(KubeClient.from_kubeconfig(settings.kubeconfig), threads=settings.threads,
                    prometheus_url=settings.prometheus_url)
+
+    def wants_pass(self, event: Mapping[str, Any]) -> bool:
+        """Whether a watch event on a DigitalWorker calls for a pass (or, if deleted, for forgetting it)."""
+        body = event.get("object") or {}
+        if event.get("type") in (None, "ADDED", "DELETED"):
+            return True
+        meta = body.get("metadata") or {}
+        return self._essences.get((meta.get("namespace"), meta.get("name"))) != essence(body)
+
+    def worker_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A DigitalWorker was listed, added, changed or deleted (its own watch events)."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self._essences.pop(key, None)
+            if key not in self._running:
+                self._latest.pop(key, None)
+            return
+        self._essences[key] = essence(body)
+        self.schedule(body)
 
     def schedule(self, body: dict[str, Any]) -> None:
         """Fire-and-forget reconcile (child events); failures are logged and retried by the resync timer."""
@@ -117,6 +212,8 @@ class Reconciler:
         latest = self._latest.get(key)
         if latest is None or _newer(body, latest):
             self._latest[key] = body
+        if key in self._queued:  # the waiting pass will read the newest body: no second pass needed
+            return
         if key in self._running:
             self._pending.add(key)
             return
@@ -124,14 +221,22 @@ class Reconciler:
         try:
             while True:
                 self._pending.discard(key)
-                await self._pass(self._latest[key])
+                await self._pass(key)
                 if key not in self._pending:
                     break
         finally:
             self._running.discard(key)
 
-    async def _pass(self, body: dict[str, Any]) -> None:
+    async def _pass(self, key: tuple[str, str]) -> None:
         loop = asyncio.get_running_loop()
+        # The body is read once the gate lets the pass in: triggers that came while it waited (e.g. a
+        # periodic tick right after a worker's creation) are folded into it instead of one more pass.
+        self._queued.add(key)
+        try:
+            await self.gate.acquire(pass_priority(self._latest[key]))
+        finally:
+            self._queued.discard(key)
+        body = self._latest[key]
         started = time.perf_counter()
         try:
             await loop.run_in_executor(self.executor, self.reconcile_sync, body)
@@ -142,6 +247,7 @@ class Reconciler:
             operator_metrics().reconcile_errors.labels("unexpected").inc()
             raise
         finally:
+            self.gate.release()
             operator_metrics().reconcile_seconds.observe(time.perf_counter() - started)
 
     def reconcile_sync(self, body: dict[str, Any]) -> reconcile_module.Result:

@@ -1,7 +1,12 @@
 """kopf handlers: thin. They take the kwargs they need and hand over to `controller.Reconciler`.
 
-Every path into a reconcile (create, update, resume, the resync loop, and events on the children)
-ends in the same level-triggered pass, serialized per DigitalWorker.
+Every path into a reconcile (the worker's own watch events, the resync loop, and events on the
+children) ends in the same level-triggered pass, serialized per DigitalWorker.
+
+Only watch-event handlers and indices, no kopf create/update/resume handlers: those keep a
+diff-base and progress in annotations, which is one more write (and its echo event) per change.
+The reconcile is level-triggered and retries on its own, so kopf's bookkeeping bought nothing.
+Indexers are `async def`: kopf runs plain functions in its thread pool, a thread hop per event.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import kopf
 
 from digital_worker.operator import schema as api
 from digital_worker.operator.periodic import run_periodic
-from digital_worker.operator.controller import Reconciler, RetryLater, plain, raw_body, settings_from_env
+from digital_worker.operator.controller import Reconciler, copy_json, raw_body, settings_from_env
 
 DW = (api.GROUP, api.VERSION, api.PLURAL)
 CHILD_LABELS = {api.LABEL_NAME: api.APP_NAME}
@@ -37,11 +42,25 @@ def login(memo: kopf.Memo, **kwargs):
     )
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No change-detecting handlers here, so no diff-base: kopf would otherwise deep-copy every
+    watched object (children included) on every event to compute a diff nobody reads."""
+
+    def build(self, *, body: kopf.Body, extra_fields=None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
-    # Progress and diff-base live in annotations, so status stays ours and readable.
+    # Progress (retries) would live in annotations, so status stays ours and readable; no handler uses it.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP, key="last-handled")
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = 20  # INFO and up become Kubernetes Events
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -64,8 +83,9 @@ async def stop_loops(memo: kopf.Memo, **_) -> None:
 
 
 @kopf.index(*DW)
-def digitalworkers(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): plain(body)}
+async def digitalworkers(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    # A copy: passes record the status they wrote into it, and kopf's own body must stay as received.
+    return {(namespace, name): copy_json(raw_body(body))}
 
 
 # The children, kept in memory from the watch streams: a reconcile reads them here instead of
@@ -76,22 +96,22 @@ def _child_index(namespace: str, labels: kopf.Labels, body: kopf.Body) -> dict:
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
-def child_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def child_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return _child_index(namespace, labels, body)
 
 
 @kopf.index("v1", "services", labels=CHILD_LABELS)
-def child_services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def child_services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return _child_index(namespace, labels, body)
 
 
 @kopf.index("v1", "configmaps", labels=CHILD_LABELS)
-def child_configmaps(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def child_configmaps(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return _child_index(namespace, labels, body)
 
 
 @kopf.index("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS)
-def child_pdbs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def child_pdbs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return _child_index(namespace, labels, body)
 
 
@@ -104,15 +124,21 @@ def _remember_indices(memo: kopf.Memo, kwargs: dict) -> None:
         }
 
 
-@kopf.on.resume(*DW)
-@kopf.on.create(*DW)
-@kopf.on.update(*DW)
-async def reconcile_worker(body: kopf.Body, memo: kopf.Memo, **kwargs) -> None:
-    _remember_indices(memo, kwargs)
-    try:
-        await memo.reconciler.run(plain(body))
-    except RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+def _worker_needs_pass(event: kopf.RawEvent, memo: kopf.Memo, **_) -> bool:
+    # As a filter, kopf skips the handler call: most events are echoes of our own status writes.
+    return memo.reconciler.wants_pass(event)
+
+
+@kopf.on.event(*DW, when=_worker_needs_pass)
+async def reconcile_worker(event: kopf.RawEvent, namespace: str, name: str, memo: kopf.Memo,
+                           digitalworkers: kopf.Index, **kwargs) -> None:
+    """Listed at start (resume), created, changed or deleted: a pass (fire and forget; it retries itself)."""
+    _remember_indices(memo, {**kwargs, "digitalworkers": digitalworkers})
+    if event.get("type") == "DELETED":
+        memo.reconciler.worker_event("DELETED", copy_json(event["object"]))
+        return
+    for body in digitalworkers.get((namespace, name), []):  # this event's body, as just indexed
+        memo.reconciler.worker_event(event.get("type"), body)
 
 
 def _changed_or_deleted(event: kopf.RawEvent, **_) -> bool:
