@@ -50,6 +50,17 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; always reaps it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
@@ -109,13 +120,8 @@ class PrometheusLauncher:
         wait_http(f"{self.url}/-/ready", timeout=60)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def __enter__(self) -> "PrometheusLauncher":

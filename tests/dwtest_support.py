@@ -1,36 +1,38 @@
-"""Shared test helpers (import as `from dwtest_support import ...`): free ports, HTTP waits, a real Prometheus."""
+"""Shared test helpers (import as `from dwtest_support import ...`): free ports, HTTP waits, polling,
+stopping processes, a real Prometheus. The port, HTTP and process
+helpers are dev mode's own (operator/devprom.py), re-exported so there is one copy."""
 from __future__ import annotations
 
-import socket
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from digital_worker.operator.devprom import PrometheusLauncher, PrometheusUnavailable
+from digital_worker.operator.devprom import (  # noqa: F401  (re-exported for the tests)
+    PrometheusLauncher,
+    PrometheusUnavailable,
+    free_port,
+    stop_process,
+    wait_http,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0) -> None:
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, message: Any = "") -> Any:
+    """Poll `predicate` until it returns something truthy and return that; fail the test after `timeout`.
+    `message` (text, or a callable for a late description) says what was awaited."""
     deadline = time.monotonic() + timeout
-    last: Exception | None = None
+    last = None
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status < 500:
-                    return
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    text = message() if callable(message) else message
+    raise AssertionError(f"timed out after {timeout}s: {text or predicate} (last: {last!r})")
 
 
 class PrometheusServer(PrometheusLauncher):
@@ -42,3 +44,4 @@ class PrometheusServer(PrometheusLauncher):
             super().start()
         except PrometheusUnavailable:
             pytest.fail("Debian's prometheus package is not installed (.ci/run installs it)")
+

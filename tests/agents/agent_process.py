@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from dwtest_support import free_port  # noqa: F401  (re-exported for the agent tests)
+from dwtest_support import free_port, stop_process  # noqa: F401  (free_port re-exported for the agent tests)
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
@@ -56,13 +56,8 @@ class AgentProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=10)
         self.log.close()
 
     def inject_xid(self, gpu_index: int, xid: int) -> None:

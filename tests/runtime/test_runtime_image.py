@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dwtest_support import free_port, wait_http
+from dwtest_support import free_port, stop_process, wait_http
 from digital_worker.runtime.contract import DEFAULT_IMAGE, SGLANG_BASE_IMAGE, SGLANG_VERSION
 from digital_worker.runtime.image import (
     ImageBuildError,
@@ -74,13 +74,8 @@ class PodmanService:
                        env=self.env, check=True, capture_output=True, cwd="/")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 @pytest.fixture(scope="module")

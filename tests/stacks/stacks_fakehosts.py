@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import textwrap
@@ -21,11 +20,7 @@ from pathlib import Path
 
 import paramiko
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from dwtest_support import free_port, stop_process
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
@@ -251,13 +246,8 @@ class FakeHost:
         raise RuntimeError(f"sshd for {self.name} did not start: {(self.root / 'sshd.log').read_text()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
         self.process = None
 
     def set_gpu(self, product: str | None, count: int = 1) -> None:

@@ -9,16 +9,15 @@ which is why operator/deploy.py allows one replica.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from digital_worker.operator import deploy
 from digital_worker.stacks.manifests import PlatformSettings, platform_objects
+from dwtest_support import free_port, stop_process as stop, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -31,23 +30,6 @@ SERVED_KINDS = {"Namespace", "CustomResourceDefinition", "ClusterKopfPeering", "
                 "Service", "DigitalWorker"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{message} (last: {last!r})")
-
-
 def start_operator(kubeconfig: str, log_path, health_port: int) -> subprocess.Popen:
     """The container's command and args from the Deployment, with the health port made free for the test."""
     container = deploy.deployment(NS, "unused", replicas=1)["spec"]["template"]["spec"]["containers"][0]
@@ -57,16 +39,6 @@ def start_operator(kubeconfig: str, log_path, health_port: int) -> subprocess.Po
     log = open(log_path, "wb")
     return subprocess.Popen([sys.executable, "-m", "digital_worker", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def healthy(port: int) -> bool:
@@ -93,22 +65,22 @@ def test_operator_runs_with_the_platform_objects(tmp_path):
         first = start_operator(str(cluster.kubeconfig_path), tmp_path / "operator-1.log", port)
         second = None
         try:
-            wait_until(lambda: healthy(port), 60, "the operator's liveness endpoint never answered")
+            wait_until(lambda: healthy(port), timeout=60, message="the operator's liveness endpoint never answered")
             # kopf registers itself in the platform's ClusterKopfPeering (leader election is live).
             peers = wait_until(
                 lambda: (kube.get("kopf.dev/v1", "clusterkopfpeerings", None, deploy.PEERING_NAME).get("status") or {}),
-                30, "the operator never joined the peering object")
+                timeout=30, message="the operator never joined the peering object")
             assert len(peers) == 1
             # And it is not paused: it reconciles the DigitalWorker from stack config.
             wait_until(
                 lambda: (kube.get("digitalworker.io/v1alpha1", "digitalworkers", "ai", "support-bot")
                          .get("status") or {}).get("phase"),
-                60, "the DigitalWorker was never reconciled")
+                timeout=60, message="the DigitalWorker was never reconciled")
 
             # A second replica of the same Deployment has the same priority: kopf pauses both.
             second = start_operator(str(cluster.kubeconfig_path), tmp_path / "operator-2.log", free_port())
-            wait_until(lambda: b"Pausing all operators" in (tmp_path / "operator-1.log").read_bytes(), 60,
-                       "two equal-priority peers did not pause")
+            wait_until(lambda: b"Pausing all operators" in (tmp_path / "operator-1.log").read_bytes(), timeout=60,
+                       message="two equal-priority peers did not pause")
         finally:
             if second is not None:
                 stop(second)
