@@ -28,21 +28,18 @@ import csv
 import http.server
 import json
 import random
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from digital_worker.operator.analysis import Action, AnalysisSpec, AnalysisState, evaluate, measure_run, next_run_at
+from digital_worker.operator.devprom import PrometheusLauncher, PrometheusUnavailable
 from digital_worker.operator.metric_providers import PrometheusProvider
 from digital_worker.operator.traffic import GatewayApiRouter, ParentRef, ReplicaRatioRouter
 from digital_worker.runtime.perfmodel import (
@@ -52,14 +49,11 @@ from digital_worker.runtime.perfmodel import (
     profile_for,
     ttft_quantile,
 )
+from digital_worker.runtime.sglang_metrics import E2E_BUCKETS, INTER_TOKEN_BUCKETS, TTFT_BUCKETS
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = REPO.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
 LABELS = ["model_name", "namespace", "digitalworker_io_instance", "digitalworker_io_revision"]
-TTFT_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400]
-ITL_BUCKETS = [0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060,
-               0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000]
-E2E_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200, 1800, 2400]
 # A decode batch typical of a moderately loaded replica, for the latency model.
 TYPICAL_BATCH = 16
 
@@ -135,7 +129,7 @@ class RevisionMetrics:
         self.requests = Counter("sglang:num_requests_total", "requests", LABELS, registry=r)
         self.aborted = Counter("sglang:num_aborted_requests_total", "aborted", LABELS, registry=r)
         self.ttft = Histogram("sglang:time_to_first_token_seconds", "ttft", LABELS, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("sglang:inter_token_latency_seconds", "itl", LABELS, buckets=ITL_BUCKETS, registry=r)
+        self.itl = Histogram("sglang:inter_token_latency_seconds", "itl", LABELS, buckets=INTER_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("sglang:e2e_request_latency_seconds", "e2e", LABELS, buckets=E2E_BUCKETS, registry=r)
         self.queue = Gauge("sglang:num_queue_reqs", "queue", LABELS, registry=r)
 
@@ -177,46 +171,6 @@ def serve(registry: CollectorRegistry) -> http.server.ThreadingHTTPServer:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-class Prometheus:
-    def __init__(self, workdir: Path, target: str) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            sys.exit("Debian's prometheus package is not installed")
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": "sglang", "static_configs": [{"targets": [target]}]}]}
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = open(workdir / "prometheus.log", "wb")
-        self.process = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        sys.exit("prometheus did not become ready")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 # ---------------------------------------------------------------- one scenario
@@ -380,8 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     server = serve(metrics.registry)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-rollout-analysis-") as workdir:
-        prometheus = Prometheus(Path(workdir), f"127.0.0.1:{server.server_port}")
+        prometheus = PrometheusLauncher(Path(workdir))  # dev mode's: 1 s scrapes on loopback
+        prometheus.set_targets("sglang", [f"127.0.0.1:{server.server_port}"])
         try:
+            try:
+                prometheus.start()
+            except PrometheusUnavailable as exc:
+                sys.exit(str(exc))
             provider = PrometheusProvider(prometheus.url, timeout=3)
             scenarios = [s for s in SCENARIOS if not args.only or args.only in s.name]
             for repeat in range(args.repeat):

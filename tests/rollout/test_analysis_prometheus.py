@@ -43,13 +43,9 @@ from digital_worker.operator.metric_providers import (
     PrometheusProvider,
     revision_queries,
 )
+from digital_worker.runtime.sglang_metrics import E2E_BUCKETS, INTER_TOKEN_BUCKETS, TTFT_BUCKETS  # SGLang's bounds
 
 WINDOW_SECONDS = 10
-# SGLang's default bucket bounds (metrics/collector.py).
-TTFT_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400]
-ITL_BUCKETS = [0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060,
-               0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000]
-E2E_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200, 1800, 2400]
 LABELS = ["model_name", "namespace", "digitalworker_io_instance", "digitalworker_io_revision"]
 
 
@@ -68,7 +64,7 @@ class SGLangMetrics:
                                registry=self.registry)
         self.ttft = Histogram("sglang:time_to_first_token_seconds", "TTFT", LABELS, buckets=TTFT_BUCKETS,
                               registry=self.registry)
-        self.itl = Histogram("sglang:inter_token_latency_seconds", "ITL", LABELS, buckets=ITL_BUCKETS,
+        self.itl = Histogram("sglang:inter_token_latency_seconds", "ITL", LABELS, buckets=INTER_TOKEN_BUCKETS,
                              registry=self.registry)
         self.e2e = Histogram("sglang:e2e_request_latency_seconds", "E2E", LABELS, buckets=E2E_BUCKETS,
                              registry=self.registry)
