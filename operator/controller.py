@@ -150,6 +150,9 @@ class Reconciler:
         self._essences: dict[tuple[str, str], tuple] = {}
         self._running: set[tuple[str, str]] = set()  # a pass is waiting at the gate or under way
         self._queued: set[tuple[str, str]] = set()  # a pass is waiting at the gate: it has not read its body yet
+        # Workers whose first pass applied only their revision: a full pass follows at routine
+        # priority, posting the Events the first pass deferred.
+        self._follow_up: dict[tuple[str, str], list[reconcile_module.Event]] = {}
         self._pending: set[tuple[str, str]] = set()  # triggered while a pass was under way: one more pass
         self._tasks: set[asyncio.Task] = set()
         # kopf indices of the children by (namespace, owner name), set by the handlers; None: list from the API.
@@ -176,6 +179,7 @@ class Reconciler:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self._essences.pop(key, None)
+            self._follow_up.pop(key, None)
             if key not in self._running:
                 self._latest.pop(key, None)
             return
@@ -233,13 +237,18 @@ class Reconciler:
         # periodic tick right after a worker's creation) are folded into it instead of one more pass.
         self._queued.add(key)
         try:
-            await self.gate.acquire(pass_priority(self._latest[key]))
+            await self.gate.acquire(ROUTINE if key in self._follow_up else pass_priority(self._latest[key]))
         finally:
             self._queued.discard(key)
         body = self._latest[key]
+        first_pass = key not in self._follow_up and not (body.get("status") or {}).get("observedGeneration") \
+            and not body["metadata"].get("deletionTimestamp")
         started = time.perf_counter()
         try:
-            await loop.run_in_executor(self.executor, self.reconcile_sync, body)
+            result = await loop.run_in_executor(self.executor, self.reconcile_sync, body, first_pass)
+            if getattr(result, "partial", False):  # the rest follows once the other new workers have their Deployments
+                self._follow_up[key] = list(result.events)
+                self._pending.add(key)
         except (TransientError, Conflict) as exc:
             operator_metrics().reconcile_errors.labels("transient").inc()
             raise RetryLater(str(exc)) from None
@@ -250,10 +259,13 @@ class Reconciler:
             self.gate.release()
             operator_metrics().reconcile_seconds.observe(time.perf_counter() - started)
 
-    def reconcile_sync(self, body: dict[str, Any]) -> reconcile_module.Result:
+    def reconcile_sync(self, body: dict[str, Any], first_pass: bool = False) -> reconcile_module.Result:
         result = reconcile_module.reconcile(body, self.client, self.observed(body), prometheus_url=self.prometheus_url,
-                                           analysis_provider=self.analysis_provider)
+                                           analysis_provider=self.analysis_provider, first_pass=first_pass)
+        if result.partial:
+            return result
         meta = body["metadata"]
+        deferred = self._follow_up.pop((meta["namespace"], meta["name"]), [])
         old_status = body.get("status") or {}
         if reconcile_module.status_changed(old_status, result.status):
             try:
@@ -267,7 +279,7 @@ class Reconciler:
             version = ((patched or {}).get("metadata") or {}).get("resourceVersion")
             if version:
                 body["metadata"]["resourceVersion"] = version
-        for event in result.events:
+        for event in deferred + result.events:
             self.post_event(body, event)
         return result
 

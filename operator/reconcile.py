@@ -84,6 +84,9 @@ class Result:
     status: dict[str, Any]
     events: list[Event]
     changes: int
+    # True after a first pass that only applied the revision (see `reconcile(first_pass=True)`): the
+    # status and the rest of the children come with the next, full pass.
+    partial: bool = False
 
 
 def utc_now() -> str:
@@ -97,11 +100,19 @@ def observe(client: KubeClient, namespace: str, name: str) -> Observed:
 
 def reconcile(body: dict[str, Any], client: KubeClient, observed: Observed | None = None,
               now: Callable[[], str] = utc_now, prometheus_url: str | None = None,
-              analysis_provider: Any = None) -> Result:
+              analysis_provider: Any = None, first_pass: bool = False) -> Result:
+    """One pass. `first_pass` (a worker never reconciled) applies only what serves, the revision's
+    ConfigMap and Deployment, so that with many new workers each gets its pods soon; the caller
+    follows up with a full pass for the Service, PDB, status and Events."""
     meta = body["metadata"]
     ctx = Context(body=body, client=client, now=now, prometheus_url=prometheus_url,
                   analysis_provider=analysis_provider,
                   observed=observed or observe(client, meta["namespace"], meta["name"]))
+    if first_pass:
+        if reconcile_spec(ctx) is not STOP:
+            reconcile_revision(ctx)
+            return Result(status={}, events=ctx.events, changes=ctx.changes, partial=True)
+        return Result(status=build_status(ctx), events=ctx.events, changes=ctx.changes)
     for step in (reconcile_spec, reconcile_strategy, reconcile_fallback, reconcile_service, reconcile_pdb):
         if step(ctx) is STOP:
             break

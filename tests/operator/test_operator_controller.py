@@ -74,7 +74,7 @@ def test_gate_cancelled_waiters_leak_no_slot():
 
 def test_only_changes_to_what_a_pass_reads_call_for_a_pass():
     reconciler = Reconciler.__new__(Reconciler)  # no client, no threads: only the event filter
-    reconciler._essences, reconciler._latest, reconciler._running = {}, {}, set()
+    reconciler._essences, reconciler._latest, reconciler._running, reconciler._follow_up = {}, {}, set(), {}
     reconciler.schedule = lambda body: None
     body = worker(annotations={"a": "1"})
     assert reconciler.wants_pass({"type": None, "object": body})  # listed at start
@@ -139,7 +139,7 @@ def test_triggers_fold_into_a_waiting_pass_and_one_more_pass_follows_a_running_o
         release_first = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        def fake_pass(body):  # stands in for reconcile_sync: records which body each pass got
+        def fake_pass(body, first_pass=False):  # stands in for reconcile_sync: records which body each pass got
             seen.append((body["metadata"]["name"], body["metadata"]["resourceVersion"]))
             if body["metadata"]["name"] == "busy" and len(seen) == 1:
                 asyncio.run_coroutine_threadsafe(release_first.wait(), loop).result(5)
@@ -160,3 +160,31 @@ def test_triggers_fold_into_a_waiting_pass_and_one_more_pass_follows_a_running_o
     seen = asyncio.run(scenario())
     assert seen[0] == ("busy", "7")
     assert sorted(seen[1:]) == [("busy", "8"), ("new", "12")]
+
+
+def test_new_workers_first_get_their_revision_then_the_rest_at_routine_priority():
+    """A burst of new workers: every first pass (ConfigMap + Deployment only) runs before any
+    follow-up pass (Service, PDB, status, the deferred Events)."""
+    from digital_worker.operator.reconcile import Event, Result
+
+    async def scenario() -> list[tuple[str, bool]]:
+        reconciler = Reconciler(client=None, threads=1)
+        seen: list[tuple[str, bool]] = []
+        posted: list[str] = []
+
+        def fake_pass(body, first_pass=False):
+            seen.append((body["metadata"]["name"], first_pass))
+            if first_pass:
+                return Result(status={}, events=[Event("Normal", "RevisionCreated", "x")], changes=2, partial=True)
+            posted.extend(e.reason for e in reconciler._follow_up.pop(("ns", body["metadata"]["name"]), []))
+            return Result(status={"phase": "Pending"}, events=[], changes=2)
+
+        reconciler.reconcile_sync = fake_pass
+        await asyncio.gather(*(reconciler.run(worker(name)) for name in ("a", "b", "c")))
+        reconciler.executor.shutdown()
+        assert posted == ["RevisionCreated"] * 3
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [first for _, first in seen] == [True, True, True, False, False, False], seen
+    assert sorted(name for name, _ in seen[:3]) == sorted(name for name, _ in seen[3:]) == ["a", "b", "c"]
