@@ -28,8 +28,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -40,26 +38,20 @@ from digital_worker.operator.emulator import EmulatedCluster  # noqa: E402
 from digital_worker.operator.kube import KubeClient  # noqa: E402
 from digital_worker.operator.runner import OperatorThread  # noqa: E402
 from digital_worker.operator.simpods import SimulatedSglangPods  # noqa: E402
-from dwtest_support import PrometheusServer  # noqa: E402
+from dwtest_support import PrometheusServer, example_worker  # noqa: E402
 from operator_support import sync_targets_by_revision  # noqa: E402  (stands in for pod discovery)
 
 NAMESPACE = "ai"
 
 
 def worker(name: str, replicas: int, weight: int, interval: int) -> dict:
-    body = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
-    body["metadata"] = {"name": name, "namespace": NAMESPACE}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["replicas"] = replicas
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"].pop("fallback", None)  # the breaker watches the stable, which stays healthy: not measured here
-    body["spec"]["rollout"] = {
+    # No fallback: the breaker watches the stable, which stays healthy (not measured here).
+    return example_worker(name, NAMESPACE, replicas=replicas, fallback=None, rollout={
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": weight}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
         "analysis": {"intervalSeconds": interval, "windowSeconds": 2 * interval, "minRequests": 5,
                      "failureLimit": 1, "inconclusiveLimit": 6, "maxErrorRate": 0.02},
-    }
-    return body
+    })
 
 
 class Traffic:

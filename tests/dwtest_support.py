@@ -4,6 +4,7 @@ and process helpers are dev mode's own (operator/devprom.py), re-exported so the
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from digital_worker.operator import schema as api
 from digital_worker.operator.devprom import (  # noqa: F401  (re-exported for the tests)
@@ -23,7 +25,9 @@ from digital_worker.operator.devprom import (  # noqa: F401  (re-exported for th
     wait_http,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+EXAMPLE = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, message: Any = "") -> Any:
@@ -49,6 +53,22 @@ class PrometheusServer(PrometheusLauncher):
             super().start()
         except PrometheusUnavailable:
             pytest.fail("Debian's prometheus package is not installed (.ci/run installs it)")
+
+
+def example_worker(name: str, namespace: str = "ai", *, replicas: int = 2, **spec: Any) -> dict:
+    """examples/digitalworker.yaml as a worker for the emulated cluster: named `name` in `namespace`,
+    without the API-key secret (there is none there), `replicas` fixed with autoscaling Off. Each
+    keyword replaces that key of the spec; None removes it (e.g. `fallback=None`: no fallback pods)."""
+    body = copy.deepcopy(EXAMPLE)
+    body["metadata"] = {"name": name, "namespace": namespace}
+    body["spec"]["runtime"].pop("apiKeySecretRef")
+    body["spec"].update(replicas=replicas, autoscaling={"mode": "Off"})
+    for key, value in spec.items():
+        if value is None:
+            body["spec"].pop(key, None)
+        else:
+            body["spec"][key] = value
+    return body
 
 
 def sim_endpoints(kube, namespace: str, name: str) -> list[str]:

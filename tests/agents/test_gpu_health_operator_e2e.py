@@ -4,18 +4,15 @@ emulated API: the DigitalWorker's replica on the XID-79 GPU is replaced, the nod
 and Events say so."""
 from __future__ import annotations
 
-import copy
 import os
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 from agent_process import AgentProcess
+from dwtest_support import example_worker
 from kubelet_fake import FakeKubelet
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "team"
 NODES = ("gpu-node-1", "gpu-node-2")
 
@@ -41,13 +38,8 @@ def test_operator_replaces_the_replica_on_a_faulty_gpu(tmp_path, prometheus):
     from digital_worker.operator.kube import KubeClient
     from digital_worker.operator.runner import OperatorThread
 
-    body = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
-    body = copy.deepcopy(body)
-    body["metadata"] = {"name": "gpu-bot", "namespace": NAMESPACE}
+    body = example_worker("gpu-bot", NAMESPACE, replicas=4)
     body["spec"]["runtime"].update(tensorParallelSize=1, gpusPerReplica=1)
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["replicas"] = 4
-    body["spec"]["autoscaling"] = {"mode": "Off"}
 
     with EmulatedCluster(nodes=[SimulatedNode(n, gpus=4) for n in NODES], namespaces=("default", NAMESPACE),
                          pod_startup_seconds=0.2) as cluster, \

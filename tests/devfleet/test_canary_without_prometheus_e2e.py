@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import copy
 import threading
-from pathlib import Path
 
 import pytest
-import yaml
 from devfleet_support import load, wait_until, worker_status
 from digital_worker.operator import render
 from digital_worker.operator import schema as api
@@ -18,28 +16,21 @@ from digital_worker.operator import spec as dw_spec
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.simpods import SimulatedSglangPods
+from dwtest_support import example_worker
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ai"
 
 
 def worker(name: str) -> dict:
-    body = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
-    body = copy.deepcopy(body)
-    body["metadata"] = {"name": name, "namespace": NAMESPACE}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"].pop("fallback", None)  # one story at a time: no fallback model's pods
-    body["spec"]["replicas"] = 2
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"]["rollout"] = {
+    # One story at a time: no fallback model's pods.
+    return example_worker(name, NAMESPACE, replicas=2, fallback=None, rollout={
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
         "analysis": {"intervalSeconds": 5, "windowSeconds": 10, "minRequests": 5, "failureLimit": 1,
                      "inconclusiveLimit": 8, "maxErrorRate": 0.05, "maxTTFTP95Ratio": 3.0,
                      "maxITLP95Ratio": 3.0},
-    }
-    return body
+    })
 
 
 def revision_of(body: dict, model_revision: str) -> str:

@@ -6,11 +6,7 @@ status.gpuHealth and Events. Once with the operator reading the agents directly 
 once through a real Prometheus scraping `scrape_targets()`."""
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
-import yaml
 from devfleet_support import wait_until, worker_status
 from digital_worker.operator import schema as api
 from digital_worker.operator.emulator import EmulatedCluster, SimulatedNode
@@ -21,21 +17,16 @@ from digital_worker.operator.simnodes import (
     gpu_request,
     start_simulated_node_agents,
 )
+from dwtest_support import example_worker
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "team"
 NODES = ("gpu-node-1", "gpu-node-2")
 
 
 def worker(name: str) -> dict:
-    body = copy.deepcopy(yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text()))
-    body["metadata"] = {"name": name, "namespace": NAMESPACE}
+    body = example_worker(name, NAMESPACE, replicas=4, fallback=None)  # one story at a time: no fallback's pods
     body["spec"]["runtime"].update(tensorParallelSize=1, gpusPerReplica=1)
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"].pop("fallback", None)  # one story at a time: no fallback model's pods
-    body["spec"]["replicas"] = 4
-    body["spec"]["autoscaling"] = {"mode": "Off"}
     return body
 
 

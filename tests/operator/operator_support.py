@@ -1,31 +1,21 @@
 """Helpers for the operator tests."""
 from __future__ import annotations
 
-import copy
 import threading
-from pathlib import Path
-
-import yaml
 
 from digital_worker.operator.devprom import PodTargetSync
 from digital_worker.operator.kube import KubeClient
-from dwtest_support import chat_load, sim_endpoints, wait_until  # noqa: F401  (wait_until re-exported)
+from dwtest_support import EXAMPLE, chat_load, example_worker, sim_endpoints, wait_until  # noqa: F401  (re-exported)
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
 
 
 def scaling_worker(name: str, mode: str) -> dict:
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": name, "namespace": "ai"}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["runtime"]["maxRunningRequests"] = 4
-    body["spec"]["replicas"] = 1
-    body["spec"]["autoscaling"] = {
+    body = example_worker(name, "ai", replicas=1, autoscaling={
         "mode": mode, "minReplicas": 1, "maxReplicas": 4, "intervalSeconds": 5,
         "targetRequestsPerReplica": 1.0, "slo": {"ttftP95Seconds": 1.0},
         "reactive": {"queueLengthPerReplica": 2}, "scaleDown": {"stabilizationSeconds": 600},
-    }
+    })
+    body["spec"]["runtime"]["maxRunningRequests"] = 4
     return body
 
 

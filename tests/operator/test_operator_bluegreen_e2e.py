@@ -4,7 +4,6 @@ so GPU capacity is exactly what the test says."""
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 import urllib.request
@@ -16,7 +15,8 @@ from digital_worker.operator.emulator import EmulatedCluster, SimulatedNode
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.runner import OperatorThread
 from digital_worker.operator.simpods import SimulatedSglangPods
-from operator_support import EXAMPLE, wait_until
+from dwtest_support import example_worker
+from operator_support import wait_until
 
 NS = "ai"
 
@@ -32,13 +32,7 @@ def small_cluster(request):
 
 
 def make(kube, rollout: dict, replicas: int = 2) -> dict:
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": "bot", "namespace": NS}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["replicas"] = replicas
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"].pop("fallback", None)
-    body["spec"]["rollout"] = rollout
+    body = example_worker("bot", NS, replicas=replicas, fallback=None, rollout=rollout)
     kube.create(body)
     return wait_until(lambda: (s := status(kube)).get("phase") == "Ready" and s, timeout=30, message="Ready")
 
@@ -208,16 +202,10 @@ def test_bluegreen_analysis_failure_keeps_or_puts_traffic_back_on_the_stable(pha
     with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", NS)) as cluster, \
             OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
-        body = copy.deepcopy(EXAMPLE)
-        body["metadata"] = {"name": name, "namespace": NS}
-        body["spec"]["runtime"].pop("apiKeySecretRef")
-        body["spec"].pop("fallback", None)
-        body["spec"]["replicas"] = 2
-        body["spec"]["autoscaling"] = {"mode": "Off"}
-        body["spec"]["rollout"] = {"strategy": "BlueGreen", "blueGreen": {
+        body = example_worker(name, NS, replicas=2, fallback=None, rollout={"strategy": "BlueGreen", "blueGreen": {
             "warmupRequests": 40, "scaleDownDelaySeconds": 600,
             phase: {"intervalSeconds": 5, "windowSeconds": 20, "minRequests": 10, "maxErrorRate": 0.05,
-                    "failureLimit": 1, "inconclusiveLimit": 6}}}
+                    "failureLimit": 1, "inconclusiveLimit": 6}}})
         kube.create(body)
         first = wait_until(lambda: (s := (kube.get(api.API_VERSION, api.PLURAL, NS, name) or {}).get("status") or {})
                            .get("phase") == "Ready" and s, timeout=30)

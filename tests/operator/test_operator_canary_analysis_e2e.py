@@ -10,23 +10,19 @@ from digital_worker.operator import render, schema as api, spec as dw_spec
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.simpods import SimulatedSglangPods
-from operator_support import EXAMPLE, load, sync_targets_by_revision, wait_until
+from dwtest_support import example_worker
+from operator_support import load, sync_targets_by_revision, wait_until
 
 
 def test_bad_canary_is_aborted_by_analysis(prometheus):
     from digital_worker.operator.runner import OperatorThread
 
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": "ana-bot", "namespace": "ai"}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["replicas"] = 4
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"]["rollout"] = {
+    body = example_worker("ana-bot", "ai", replicas=4, rollout={
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": 25}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
         "analysis": {"intervalSeconds": 5, "windowSeconds": 10, "minRequests": 5, "failureLimit": 1,
                      "inconclusiveLimit": 6, "maxErrorRate": 0.02},
-    }
+    })
     bad = copy.deepcopy(body["spec"])
     bad["model"]["revision"] = "v2-bad"
     bad_revision = render.revision_hash(dw_spec.normalize_spec(bad)[0])

@@ -2,21 +2,17 @@
 through the CLI (annotations), and analysis that cannot measure pausing instead of promoting."""
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
 from digital_worker.operator import schema as api
-from operator_support import EXAMPLE, wait_until
+from dwtest_support import example_worker
+from operator_support import wait_until
 
 
 def make(kube, namespace, steps, analysis=None):
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": "bot", "namespace": namespace}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["replicas"] = 2
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"]["rollout"] = {"strategy": "Canary", "canary": {"steps": steps, "maxSurge": 1}}
+    body = example_worker("bot", namespace, replicas=2,
+                          rollout={"strategy": "Canary", "canary": {"steps": steps, "maxSurge": 1}})
     if analysis:
         body["spec"]["rollout"]["analysis"] = analysis
     kube.create(body)
@@ -109,15 +105,9 @@ def test_gateway_api_canary_sets_exact_httproute_weights(operator, kube, namespa
     Services; the stable keeps its full size until the canary takes everything."""
     routing = {"gatewayAPI": {"httpRoute": "bot-route", "parentRef": {"name": "edge", "namespace": "gateways"}}}
 
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": "bot", "namespace": namespace}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"].pop("fallback", None)
-    body["spec"]["replicas"] = 4
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"]["rollout"] = {"strategy": "Canary", "canary": {"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 100}],
-                                                                 "maxSurge": 1,
-                                                                 "trafficRouting": routing}}
+    body = example_worker("bot", namespace, replicas=4, fallback=None, rollout={
+        "strategy": "Canary", "canary": {"steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 100}],
+                                         "maxSurge": 1, "trafficRouting": routing}})
     kube.create(body)
     first = wait_until(lambda: (s := status(kube, namespace)).get("phase") == "Ready" and s, message="Ready")
 

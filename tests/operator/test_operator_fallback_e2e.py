@@ -6,7 +6,6 @@ passes a trial and takes the traffic back; removing spec.fallback removes the fa
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import json
 import threading
 import time
@@ -16,7 +15,8 @@ from digital_worker.operator import schema as api
 from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.simpods import SimulatedSglangPods
-from operator_support import EXAMPLE, wait_until
+from dwtest_support import example_worker
+from operator_support import wait_until
 
 NAME, NAMESPACE = "fb-bot", "ai"
 SIM_ENDPOINT = f"{api.GROUP}/sim-endpoint"
@@ -101,14 +101,9 @@ class ServiceLoad:
 def test_failing_stable_switches_to_the_fallback_and_back(prometheus):
     from digital_worker.operator.runner import OperatorThread
 
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": NAME, "namespace": NAMESPACE}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"].pop("rollout")
-    body["spec"]["replicas"] = 2
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"]["fallback"] = {"model": {"name": "qwen2.5-1.5b", "source": "hf://Qwen/Qwen2.5-1.5B-Instruct"},
-                                "replicas": 1, "errorRateThreshold": 0.5, "unhealthySeconds": 4}
+    body = example_worker(NAME, NAMESPACE, replicas=2, rollout=None, fallback={
+        "model": {"name": "qwen2.5-1.5b", "source": "hf://Qwen/Qwen2.5-1.5B-Instruct"},
+        "replicas": 1, "errorRateThreshold": 0.5, "unhealthySeconds": 4})
 
     def status() -> dict:
         return kube.get(api.API_VERSION, api.PLURAL, NAMESPACE, NAME).get("status") or {}

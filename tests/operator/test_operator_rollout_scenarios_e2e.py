@@ -15,8 +15,8 @@ from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
 from digital_worker.operator.runner import OperatorThread
 from digital_worker.operator.simpods import SimulatedSglangPods
-from dwtest_support import PrometheusServer
-from operator_support import EXAMPLE, load, sync_targets_by_revision, wait_until
+from dwtest_support import PrometheusServer, example_worker
+from operator_support import load, sync_targets_by_revision, wait_until
 
 NS = "ai"
 ANALYSIS = {"intervalSeconds": 5, "windowSeconds": 20, "minRequests": 30, "failureLimit": 1,
@@ -24,15 +24,8 @@ ANALYSIS = {"intervalSeconds": 5, "windowSeconds": 20, "minRequests": 30, "failu
 
 
 def worker(name: str, steps: list[dict], analysis: dict | None = None) -> dict:
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": name, "namespace": NS}
-    body["spec"]["runtime"].pop("apiKeySecretRef")
-    body["spec"]["replicas"] = 4
-    body["spec"]["autoscaling"] = {"mode": "Off"}
-    body["spec"].pop("fallback", None)
-    body["spec"]["rollout"] = {"strategy": "Canary", "canary": {"steps": steps, "maxSurge": 2},
-                               "analysis": {**ANALYSIS, **(analysis or {})}}
-    return body
+    return example_worker(name, NS, replicas=4, fallback=None, rollout={
+        "strategy": "Canary", "canary": {"steps": steps, "maxSurge": 2}, "analysis": {**ANALYSIS, **(analysis or {})}})
 
 
 def revision_of(body: dict, model_revision: str) -> str:
