@@ -370,6 +370,8 @@ class RunResult:
     message: str
     # Some measurement came back with a provider error (e.g. Prometheus unreachable).
     metrics_unavailable: bool = False
+    # Inconclusive only because the canary has fewer than minRequests in the window (yet).
+    too_few_requests: bool = False
 
 
 def _traffic_gate(spec: AnalysisSpec, measurements: Mapping[str, MeasurementLike] | None) -> str | None:
@@ -434,7 +436,8 @@ def judge_run(
             message = f"canary: {canary_gate}"
         else:
             message = "; ".join(check.message for check in inconclusive)
-        return RunResult(Verdict.INCONCLUSIVE, checks, message, bool(errors))
+        return RunResult(Verdict.INCONCLUSIVE, checks, message, bool(errors),
+                         too_few_requests=canary_gate is not None and not errors)
     return RunResult(Verdict.SUCCESSFUL, checks, "all checks passed", bool(errors))
 
 
@@ -459,6 +462,8 @@ class AnalysisState:
     # The stable's numbers captured before the step (measurement name, value), for relative
     # checks once the stable gets no traffic; see `measure_baseline`.
     baseline: tuple[tuple[str, float], ...] = ()
+    # Early looks taken while the canary had too few requests for a verdict (see `evaluate`).
+    early_looks: int = 0
 
     @classmethod
     def start(cls, now: float, baseline: Mapping[str, MeasurementLike] | None = None) -> "AnalysisState":
@@ -488,6 +493,7 @@ class AnalysisState:
             "reason": self.reason,
             "message": self.message,
             "baseline": dict(self.baseline),
+            "earlyLooks": self.early_looks,
         }
 
     @classmethod
@@ -512,6 +518,7 @@ class AnalysisState:
                 ((name, _float_or_none(value)) for name, value in dict(data.get("baseline") or {}).items())
                 if number is not None
             )),
+            early_looks=_count(data.get("earlyLooks")),
         )
 
 
@@ -531,7 +538,16 @@ def next_run_at(state: AnalysisState, spec: AnalysisSpec) -> float | None:
         return None
     if state.last_run_at is None:
         return state.started_at + spec.first_run_delay()
+    if state.early_looks and state.runs == state.early_looks:  # still waiting for the canary's traffic
+        return state.last_run_at + early_look_seconds(spec)
     return state.last_run_at + spec.interval_seconds
+
+
+def early_look_seconds(spec: AnalysisSpec) -> float:
+    return max(1.0, spec.interval_seconds / EARLY_LOOKS_PER_INTERVAL)
+
+
+EARLY_LOOKS_PER_INTERVAL = 5
 
 
 def is_due(state: AnalysisState, spec: AnalysisSpec, now: float) -> bool:
@@ -548,6 +564,16 @@ def evaluate(
         return _settled_result(state, spec), state
 
     run = judge_run(spec, measurements, dict(state.baseline))
+    if run.too_few_requests and state.runs == state.early_looks and \
+            state.early_looks < EARLY_LOOKS_PER_INTERVAL - 1:
+        # No verdict yet and the canary's traffic is still building up (the window holds less of it
+        # than minRequests): look again soon instead of a whole interval later, without counting
+        # the look as a run. A bad canary is caught as soon as its requests allow; a canary with no
+        # traffic still pauses after `inconclusiveLimit` runs, at most one interval later.
+        new_state = replace(state, last_run_at=now, runs=state.runs + 1, early_looks=state.early_looks + 1,
+                            last_verdict=run.verdict, checks=run.checks, message=run.message)
+        return AnalysisResult(Action.CONTINUE, run.verdict, run.checks, "", run.message,
+                              next_run_at(new_state, spec)), new_state
     successful_runs = state.successful_runs
     consecutive_failures = state.consecutive_failures
     consecutive_inconclusive = state.consecutive_inconclusive

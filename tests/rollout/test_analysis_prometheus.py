@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from digital_worker.operator.analysis import (
+    EARLY_LOOKS_PER_INTERVAL,
     REASON_FAILED,
     REASON_METRICS_UNAVAILABLE,
     Action,
@@ -285,7 +286,9 @@ def test_analysis_against_real_prometheus(fleet):
     for revision in ("idle", "never-deployed"):
         run = measure_run(provider, spec, matchers(revision), matchers("stable"))
         assert run.canary[REQUEST_COUNT].error is None
-        result, state = evaluate(AnalysisState.start(0.0), run, 5.0, spec)
+        state = AnalysisState.start(0.0)
+        for _ in range(EARLY_LOOKS_PER_INTERVAL):  # early looks first (no traffic yet), then the counted run
+            result, state = evaluate(state, run, 5.0, spec)
         assert result.verdict is Verdict.INCONCLUSIVE, revision
         assert result.action is Action.PAUSE and state.phase.value == "Paused"
         assert all(check.verdict is Verdict.INCONCLUSIVE for check in result.checks)

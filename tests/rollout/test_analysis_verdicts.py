@@ -7,6 +7,8 @@ import math
 import pytest
 
 from digital_worker.operator.analysis import (
+    EARLY_LOOKS_PER_INTERVAL,
+    early_look_seconds,
     REASON_FAILED,
     REASON_INCONCLUSIVE,
     REASON_METRICS_UNAVAILABLE,
@@ -309,10 +311,31 @@ def test_inconclusive_does_not_reset_a_failure_streak():
 
 def test_no_traffic_pauses_never_promotes():
     spec = AnalysisSpec(inconclusive_limit=3)
-    actions, state = run_ticks(spec, [IDLE, IDLE, IDLE])
-    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.PAUSE]
+    early = EARLY_LOOKS_PER_INTERVAL - 1
+    actions, state = run_ticks(spec, [IDLE] * (early + 3))
+    assert actions == [Action.CONTINUE] * (early + 2) + [Action.PAUSE]
     assert state.phase is Phase.PAUSED and state.reason == REASON_INCONCLUSIVE
     assert "minRequests" in state.message and state.successful_runs == 0
+    # The early looks filled less than one interval: the pause comes at most one interval later.
+    assert state.last_run_at - state.started_at <= spec.first_run_delay() + 3 * spec.interval_seconds
+
+
+def test_a_bad_canary_is_judged_as_soon_as_its_requests_allow():
+    """Too few requests at the first run: look again every interval/5 (not counted as runs), and
+    abort at the first look whose window holds minRequests."""
+    spec = AnalysisSpec(interval_seconds=30)
+    actions, state = run_ticks(spec, [IDLE, IDLE, FAILING])
+    assert actions == [Action.CONTINUE, Action.CONTINUE, Action.ABORT]
+    assert state.last_run_at - state.started_at == spec.first_run_delay() + 2 * early_look_seconds(spec) == 42
+    assert state.consecutive_failures == 1 and state.consecutive_inconclusive == 0
+
+
+def test_early_looks_stop_once_a_run_was_conclusive():
+    spec = AnalysisSpec(successful_runs=2, interval_seconds=30)
+    _, state = run_ticks(spec, [IDLE, GOOD])
+    assert next_run_at(state, spec) == state.last_run_at + 30
+    _, state = run_ticks(spec, [GOOD, IDLE])  # traffic dropped after a verdict: a counted run
+    assert state.consecutive_inconclusive == 1 and next_run_at(state, spec) == state.last_run_at + 30
 
 
 def test_prometheus_unreachable_pauses_with_metrics_unavailable():
