@@ -77,14 +77,14 @@ def run_canary(fleet, prometheus, name: str, faults: dict | None, rate: float, u
     cluster, runtime, kube = fleet
     body = worker(name, steps or [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}], analysis)
     if faults:
-        runtime.inject(revision_of(body, "v2"), **faults)
+        runtime.inject(revision_of(body, f"v2-{name}"), **faults)  # a revision of its own: faults stay here
     with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube.create(body)
         try:
             wait_until(lambda: status(kube, name).get("phase") == "Ready", timeout=30,
                        message=lambda: (status(kube, name), kube.list("v1", "pods", NS)))
             with Story(kube, prometheus, name, rate):
-                kube.patch(api.API_VERSION, api.PLURAL, NS, name, {"spec": {"model": {"revision": "v2"}}})
+                kube.patch(api.API_VERSION, api.PLURAL, NS, name, {"spec": {"model": {"revision": f"v2-{name}"}}})
                 final = wait_until(lambda: until(status(kube, name)) and status(kube, name), timeout=timeout,
                                    interval=0.5, message=lambda: status(kube, name).get("rollout"))
                 final["deployments"] = deployments(kube, name)
@@ -110,7 +110,7 @@ def test_five_percent_errors_abort_at_the_first_analysis(fleet, prometheus):
 
 
 def test_slower_first_tokens_abort_on_the_check_relative_to_the_stable(fleet, prometheus):
-    final = run_canary(fleet, prometheus, "slow-bot", {"latency_factor": 2.5}, rate=20, until=aborted,
+    final = run_canary(fleet, prometheus, "slow-bot", {"latency_factor": 2.0}, rate=20, until=aborted,
                        analysis={"maxErrorRate": 0.5, "minRequests": 10})
     failed = [c for c in final["rollout"]["analysis"]["checks"] if c["verdict"] == "Failed"]
     assert failed and all("ratio" in c["name"].lower() or "relative" in str(c).lower() for c in failed), failed
@@ -161,7 +161,7 @@ def test_healthy_canary_survives_an_operator_restart_at_every_step(fleet, promet
         kube.create(body)
         first = wait_until(lambda: (s := status(kube, name)).get("phase") == "Ready" and s, timeout=30)
         with Story(kube, prometheus, name, rate=20):
-            kube.patch(api.API_VERSION, api.PLURAL, NS, name, {"spec": {"model": {"revision": "v2"}}})
+            kube.patch(api.API_VERSION, api.PLURAL, NS, name, {"spec": {"model": {"revision": f"v2-{name}"}}})
 
             def step_and_restart():
                 nonlocal restarts, most, operator
