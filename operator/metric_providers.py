@@ -157,13 +157,22 @@ def _window(window_seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _ended_requests(matchers: LabelMatchers, window: str) -> tuple[str, str]:
-    """(finished, aborted) request increases over the window, each 0 when its series is absent.
+def counter_growth(selector: str, window: str) -> str:
+    """How much a counter grew over the window, counting a series born inside it from zero.
 
-    prometheus_client only exposes a labelled counter once it was first touched, so a healthy
-    replica may have no aborted series at all (`or vector(0)` makes that 0)."""
-    finished = f"sum(increase({sglang_selector(REQUESTS_TOTAL, matchers)}[{window}]))"
-    aborted = f"sum(increase({sglang_selector(ABORTED_REQUESTS_TOTAL, matchers)}[{window}]))"
+    `increase()` cannot see a series' first value: prometheus_client only exposes a labelled
+    counter once it was first touched, so a canary's aborted-requests series typically appears
+    with its first few errors already counted, and `increase()` would drop exactly those, reading
+    a bad canary's error rate low. Last value in the window minus the value at its start (absent:
+    0) keeps them. Revisions' pods are new processes, so counter resets inside a window are rare."""
+    return f"(sum(last_over_time({selector}[{window}])) - (sum({selector} offset {window}) or vector(0)))"
+
+
+def _ended_requests(matchers: LabelMatchers, window: str) -> tuple[str, str]:
+    """(finished, aborted) requests over the window, each 0 when its series is absent (a healthy
+    replica may have no aborted series at all: `or vector(0)` makes that 0)."""
+    finished = counter_growth(sglang_selector(REQUESTS_TOTAL, matchers), window)
+    aborted = counter_growth(sglang_selector(ABORTED_REQUESTS_TOTAL, matchers), window)
     return f"({finished} or vector(0))", f"({aborted} or vector(0))"
 
 

@@ -51,7 +51,10 @@ def test_revision_queries_cover_every_measurement():
         assert "sglang[:_]" in query.promql
     assert "inter_token_latency_seconds_bucket" in queries[ITL_P95].promql
     assert "e2e_request_latency_seconds_bucket" in queries[E2E_P95].promql
-    assert queries[ERROR_RATE].promql.startswith("(sum(increase({__name__=~\"sglang[:_]num_aborted_requests_total\"")
+    # Aborted requests counted from a series' first sample on (increase() would drop the first ones).
+    assert queries[ERROR_RATE].promql.startswith(
+        "((sum(last_over_time({__name__=~\"sglang[:_]num_aborted_requests_total\"")
+    assert "offset 90s" in queries[ERROR_RATE].promql
     assert "or vector(0)" in queries[ERROR_RATE].promql
     assert "num_queue_reqs" in queries[QUEUE_LENGTH].promql and "token_usage" in queries[KV_USAGE].promql
 
