@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading

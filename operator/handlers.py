@@ -11,7 +11,6 @@ Indexers are `async def`: kopf runs plain functions in its thread pool, a thread
 from __future__ import annotations
 
 import asyncio
-import os
 
 import kopf
 

@@ -1,6 +1,7 @@
 """Helpers for the operator tests."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from digital_worker.operator.devprom import PodTargetSync
@@ -38,3 +39,15 @@ def sync_targets_by_revision(kube: KubeClient, prometheus, name: str, stop: thre
             sync.sync_once()
         except Exception:  # API or Prometheus briefly away (a test may stop its own): next pass
             pass
+
+
+@contextlib.contextmanager
+def simulated_fleet(resync_seconds: float = 2, **operator_env: str):
+    """An emulated cluster whose pods run simulated SGLang replicas, and the real operator on it."""
+    from digital_worker.operator.emulator import EmulatedCluster
+    from digital_worker.operator.runner import OperatorThread
+    from digital_worker.operator.simpods import SimulatedSglangPods
+
+    with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", "ai")) \
+            as cluster, OperatorThread(str(cluster.kubeconfig_path), resync_seconds=resync_seconds, env=operator_env):
+        yield cluster

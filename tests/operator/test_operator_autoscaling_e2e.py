@@ -8,19 +8,13 @@ import threading
 import pytest
 
 from digital_worker.operator import schema as api
-from digital_worker.operator.emulator import EmulatedCluster
 from digital_worker.operator.kube import KubeClient
-from digital_worker.operator.simpods import SimulatedSglangPods
-from operator_support import load, scaling_worker as worker, wait_until
+from operator_support import load, simulated_fleet, scaling_worker as worker, wait_until
 
 
 @pytest.fixture(scope="module")
 def scaling_cluster():
-    from digital_worker.operator.runner import OperatorThread
-
-    runtime = SimulatedSglangPods()
-    with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5):
+    with simulated_fleet(resync_seconds=5) as cluster:
         yield cluster
 
 
