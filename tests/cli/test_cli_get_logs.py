@@ -97,10 +97,10 @@ def test_logs_merge_events_and_status_newest_last(running_worker):
     assert "not found in any namespace" in cli("logs", "nobody", "--kubeconfig", kubeconfig).stderr
 
 
-def test_status_is_unchanged_and_no_cluster_is_a_one_line_error(running_worker, tmp_path):
+def test_status_shows_the_rollout_and_no_cluster_is_a_one_line_error(running_worker, tmp_path):
     kubeconfig, _, _ = running_worker
     status = cli("status", "support-bot", "--kubeconfig", kubeconfig)
-    assert status.returncode == 0 and "Rollout of ai/support-bot" in status.stdout
+    assert status.returncode == 0 and "Canary rollout of ai/support-bot" in status.stdout
     dead = tmp_path / "kubeconfig"
     dead.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "x",
