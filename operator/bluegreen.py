@@ -27,7 +27,7 @@ import time
 import urllib.request
 from typing import Any
 
-from digital_worker.operator import render
+from digital_worker.operator import pods, render
 from digital_worker.operator import rollout
 from digital_worker.operator import schema as api
 from digital_worker.operator.rollout import ABORTED, BLUE_GREEN, COMPLETED, PAUSED, PROGRESSING
@@ -35,7 +35,6 @@ from digital_worker.operator.traffic import ReplicaCounts, ReplicaRatioRouter
 
 logger = logging.getLogger("digital_worker.operator")
 
-SIM_ENDPOINT_ANNOTATION = f"{api.GROUP}/sim-endpoint"
 WARMUP_TIMEOUT_SECONDS = 10.0
 WARMUP_ATTEMPTS = 30  # passes with a preview pod failing /health_generate before the rollout aborts
 
@@ -260,25 +259,12 @@ class _FixedSplit:
                            f"held at {canary} new / {stable} stable replica(s)")
 
 
-def pod_base_url(pod: dict[str, Any], default_port: int = 30000) -> str | None:
-    """Where a pod serves HTTP: the simulated replica's endpoint in the emulated cluster, else its IP."""
-    annotations = pod["metadata"].get("annotations") or {}
-    if annotations.get(SIM_ENDPOINT_ANNOTATION):
-        return annotations[SIM_ENDPOINT_ANNOTATION].rstrip("/")
-    ip = (pod.get("status") or {}).get("podIP")
-    return f"http://{ip}:{annotations.get('prometheus.io/port', default_port)}" if ip else None
-
-
 def _ready_pod_urls(ctx, revision: str) -> list[str]:
     selector = f"{api.LABEL_INSTANCE}={ctx.name},{api.LABEL_REVISION}={revision}"
-    urls = []
-    for pod in ctx.client.list("v1", "pods", ctx.namespace, selector):
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                    for c in (pod.get("status") or {}).get("conditions") or [])
-        url = pod_base_url(pod, ctx.spec.get("runtime", {}).get("port", 30000))
-        if ready and url and not pod["metadata"].get("deletionTimestamp"):
-            urls.append(url)
-    return sorted(urls)
+    port = ctx.spec.get("runtime", {}).get("port", 30000)
+    return sorted(url for pod in ctx.client.list("v1", "pods", ctx.namespace, selector)
+                  if pods.is_ready(pod) and not pod["metadata"].get("deletionTimestamp")
+                  and (url := pods.base_url(pod, port)))
 
 
 def _auth_headers(ctx) -> dict[str, str]:

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from digital_worker.operator import schema as api
+from digital_worker.operator import pods, schema as api
 from digital_worker.operator.kube import Conflict, KubeClient
 
 
@@ -128,9 +128,8 @@ def serve(*, manifest: str | None, kubeconfig_out: str, duration: float | None, 
                 console.print(table)
             phase = final["status"]["phase"]
             console.print(f"DigitalWorker {body['metadata']['name']} is [bold]{phase}[/]: {final['status']['message']}")
-            endpoints = [pod["metadata"].get("annotations", {}).get(f"{api.GROUP}/sim-endpoint")
-                         for pod in client.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}={body['metadata']['name']}")]
-            endpoints = [e for e in endpoints if e]
+            endpoints = [e for pod in client.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}={body['metadata']['name']}")
+                         if (e := pods.sim_endpoint(pod))]
             if endpoints:
                 model = body["spec"]["model"]["name"]
                 console.print(f"Simulated SGLang replicas: {', '.join(endpoints)}")

@@ -21,9 +21,8 @@ from typing import Callable
 
 import yaml
 
-SIM_ENDPOINT_ANNOTATION = "digitalworker.io/sim-endpoint"
-INSTANCE_LABEL = "digitalworker.io/instance"
-REVISION_LABEL = "digitalworker.io/revision"
+from digital_worker.operator import pods, schema as api
+
 
 
 class PrometheusUnavailable(RuntimeError):
@@ -169,11 +168,11 @@ class FileTargets:
 def revision_targets(kube, namespace: str, name: str) -> dict[str, list[str]]:
     """host:port of each simulated replica of a DigitalWorker, by revision."""
     by_revision: dict[str, list[str]] = {}
-    for pod in kube.list("v1", "pods", namespace, f"{INSTANCE_LABEL}={name}"):
-        endpoint = (pod["metadata"].get("annotations") or {}).get(SIM_ENDPOINT_ANNOTATION)
+    for pod in kube.list("v1", "pods", namespace, f"{api.LABEL_WORKER}={name}"):
+        endpoint = pods.sim_endpoint(pod)
         if endpoint and not pod["metadata"].get("deletionTimestamp"):
-            revision = (pod["metadata"].get("labels") or {}).get(REVISION_LABEL, "")
-            by_revision.setdefault(revision, []).append(endpoint.split("//", 1)[-1].rstrip("/"))
+            revision = (pod["metadata"].get("labels") or {}).get(api.LABEL_REVISION, "")
+            by_revision.setdefault(revision, []).append(endpoint.split("//", 1)[-1])
     return {revision: sorted(targets) for revision, targets in by_revision.items()}
 
 

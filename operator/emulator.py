@@ -35,6 +35,7 @@ import yaml
 from kmock._internal import enums, rendering
 
 from digital_worker.operator import schema as api
+from digital_worker.operator.pods import SIM_ENDPOINT_ANNOTATION
 
 logger = logging.getLogger(__name__)
 
@@ -652,7 +653,7 @@ class PodSimulator:
                                 "lastTransitionTime": _now()}],
             }}
             if endpoint:
-                patch["metadata"] = {"annotations": {f"{api.GROUP}/sim-endpoint": endpoint}}
+                patch["metadata"] = {"annotations": {SIM_ENDPOINT_ANNOTATION: endpoint}}
                 await self._request("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                                     {"metadata": patch.pop("metadata")})
             await self._request("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", patch)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
+from digital_worker.operator import pods as pods_module
 from digital_worker.operator import schema as api
 from digital_worker.runtime.smoke import CheckResult, SmokeReport, SmokeSettings, run_smoke
 
@@ -25,10 +26,8 @@ def replica_endpoints(client, namespace: str, name: str) -> list[str]:
     """URLs of the worker's ready simulated replicas (the pod simulator annotates each pod)."""
     urls = []
     for pod in client.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}={name}"):
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                    for c in (pod.get("status") or {}).get("conditions") or [])
-        url = (pod["metadata"].get("annotations") or {}).get(f"{api.GROUP}/sim-endpoint")
-        if ready and url:
+        url = pods_module.sim_endpoint(pod)
+        if pods_module.is_ready(pod) and url:
             urls.append(url)
     return sorted(urls)
 
@@ -39,8 +38,7 @@ def why_not_ready(client, namespace: str, name: str) -> str:
     status = body.get("status") or {}
     pods = client.list("v1", "pods", namespace, f"{api.LABEL_INSTANCE}={name}")
     unscheduled = [p["metadata"]["name"] for p in pods if not (p.get("spec") or {}).get("nodeName")]
-    not_ready = [p["metadata"]["name"] for p in pods if not any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in (p.get("status") or {}).get("conditions") or [])]
+    not_ready = [p["metadata"]["name"] for p in pods if not pods_module.is_ready(p)]
     text = f"phase {status.get('phase', 'none yet')}: {status.get('message', 'no status from the operator')}"
     if unscheduled:
         selector = ((body.get("spec") or {}).get("runtime") or {}).get("gpuType")

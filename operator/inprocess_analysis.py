@@ -47,6 +47,7 @@ from itertools import pairwise
 from typing import Any
 
 from digital_worker.operator import schema as api
+from digital_worker.operator.pods import metrics_url
 from digital_worker.operator.autoscaling.metrics import (
     ScrapeSample,
     histogram_quantile,
@@ -321,13 +322,11 @@ class RolloutScraper:
         """Scrape each pod of one worker once; returns how many answered. A round in which pods
         exist but none answers is not marked as a scrape: after a window of those, measurements
         are errors (metrics unavailable), as with an unreachable Prometheus."""
-        from digital_worker.operator.periodic import pod_metrics_address
-
         answered = targets = 0
         for pod in pods:
             meta = pod["metadata"]
             revision = (meta.get("labels") or {}).get(api.LABEL_REVISION)
-            address = pod_metrics_address(dict(pod))
+            address = metrics_url(pod)
             if not revision or not address or meta.get("deletionTimestamp"):
                 continue
             targets += 1

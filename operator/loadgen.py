@@ -27,9 +27,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+from digital_worker.operator import pods as pods_module
+from digital_worker.operator import schema as api
+
 AZURE_CONVERSATION = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
-SIM_ENDPOINT_ANNOTATION = "digitalworker.io/sim-endpoint"
-REVISION_LABEL = "digitalworker.io/revision"
 
 
 @dataclass(frozen=True)
@@ -188,11 +189,9 @@ def ready_endpoints(kube, namespace: str, service: str) -> list[tuple[str, str]]
     found = []
     for pod in pods:
         meta = pod["metadata"]
-        endpoint = (meta.get("annotations") or {}).get(SIM_ENDPOINT_ANNOTATION)
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                    for c in (pod.get("status") or {}).get("conditions") or [])
-        if endpoint and ready and not meta.get("deletionTimestamp"):
-            found.append(((meta.get("labels") or {}).get(REVISION_LABEL, ""), endpoint.rstrip("/")))
+        endpoint = pods_module.sim_endpoint(pod)
+        if endpoint and pods_module.is_ready(pod) and not meta.get("deletionTimestamp"):
+            found.append(((meta.get("labels") or {}).get(api.LABEL_REVISION, ""), endpoint))
     return sorted(found)
 
 

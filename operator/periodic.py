@@ -14,13 +14,13 @@ import time
 from typing import Any, Callable
 
 from digital_worker.operator import fallback
+from digital_worker.operator import pods as pods_module
 from digital_worker.operator import schema as api
 from digital_worker.operator.kube import KubeClient, NotFound
 from digital_worker.operator.reconcile import Event
 
 logger = logging.getLogger("digital_worker.operator")
 
-SIM_ENDPOINT_ANNOTATION = f"{api.GROUP}/sim-endpoint"
 INSTANCE_LABEL = api.LABEL_INSTANCE
 
 
@@ -28,15 +28,6 @@ def prometheus_selector(namespace: str, name: str) -> str:
     """PromQL matcher of a worker's replicas: pods carry `digitalworker.io/instance`, which the
     scrape configs (`kubernetes-pods` labelmap, PodMonitor podTargetLabels) expose as below."""
     return f'namespace="{namespace}",digitalworker_io_instance="{name}"'
-
-
-def pod_metrics_address(pod: dict[str, Any], default_port: int = 30000) -> str | None:
-    annotations = pod["metadata"].get("annotations") or {}
-    if annotations.get(SIM_ENDPOINT_ANNOTATION):
-        return annotations[SIM_ENDPOINT_ANNOTATION].rstrip("/") + "/metrics"
-    ip = (pod.get("status") or {}).get("podIP")
-    port = annotations.get("prometheus.io/port", str(default_port))
-    return f"http://{ip}:{port}/metrics" if ip else None
 
 
 class AutoscalingLoop:
@@ -88,7 +79,7 @@ class AutoscalingLoop:
         if self.prometheus is not None:
             source, selector = self.prometheus, prometheus_selector(meta["namespace"], meta["name"])
         else:  # the embedded default: scrape the replicas ourselves
-            addresses = [a for a in (pod_metrics_address(p) for p in pods) if a]
+            addresses = [a for a in (pods_module.metrics_url(p) for p in pods) if a]
             await self.run_sync(self.scraper.scrape, key, addresses, now)
             source, selector = self.memory, key
         decision, autoscaling_status = await self.autoscaler.tick(
@@ -152,8 +143,7 @@ class GpuHealthLoop:
             pods = self.client.list("v1", "pods", meta["namespace"], f"{INSTANCE_LABEL}={meta['name']}")
             infos = tuple(gpu_health.PodInfo(
                 p["metadata"]["name"], (p.get("spec") or {}).get("nodeName", ""),
-                any(c.get("type") == "Ready" and c.get("status") == "True"
-                    for c in (p.get("status") or {}).get("conditions") or []),
+                pods_module.is_ready(p),
                 bool(p["metadata"].get("deletionTimestamp"))) for p in pods)
             names = {info.name for info in infos}
             relevant = tuple(s for s in samples if s.pod in names or (s.pod is None and s.namespace is None))

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from digital_worker.operator import schema as api
+from digital_worker.operator import pods, schema as api
 
 STEP_TITLES = {
     "deploy": "Deploy the DigitalWorker",
@@ -451,7 +451,7 @@ class Tour:
         status = self.status()
         stable = status.get("stableRevision") or status.get("currentRevision")
         ready = {p["metadata"]["name"] for p in self._pods()
-                 if _ready(p) and p["metadata"]["labels"].get(api.LABEL_REVISION) == stable}
+                 if pods.is_ready(p) and p["metadata"]["labels"].get(api.LABEL_REVISION) == stable}
         holding = sorted(pod for (namespace, pod) in self.gpu_faults.gpu_assignments()
                          if namespace == self.namespace and pod in ready)
         if not holding:
@@ -507,11 +507,6 @@ class Tour:
 
 def verdict(result: StepResult) -> str:
     return "interrupted" if result.interrupted else "skipped" if result.skipped else "ok" if result.ok else "FAILED"
-
-
-def _ready(pod: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
 
 
 def _request_totals(loadgen) -> dict[str, Any]:
