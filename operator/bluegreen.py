@@ -31,7 +31,6 @@ from digital_worker.operator import pods, render
 from digital_worker.operator import rollout
 from digital_worker.operator import schema as api
 from digital_worker.operator.rollout import ABORTED, BLUE_GREEN, COMPLETED, PAUSED, PROGRESSING
-from digital_worker.operator.traffic import ReplicaCounts, ReplicaRatioRouter
 
 logger = logging.getLogger("digital_worker.operator")
 
@@ -214,49 +213,25 @@ def _scale(ctx, revision: str, replicas: int) -> None:
 def _bring_up(ctx, state, stable_revision: str, total: int, size: int) -> bool:
     """The new revision's Deployment at `size` beside the stable at full size, when the GPUs allow;
     False (waiting, reason InsufficientGPU) when they do not. Never shrinks the stable."""
-    stable_d, new_d = rollout._deployment(ctx, stable_revision), rollout._deployment(ctx, ctx.revision)
-    current = ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
-                            canary=int(((new_d or {}).get("spec") or {}).get("replicas", 0)),
-                            stable_ready=rollout._ready(stable_d), canary_ready=rollout._ready(new_d))
+    from digital_worker.operator.capacity import plan_capacity
+    from digital_worker.operator.reconcile import apply
+
+    current, stable_d = rollout.revision_counts(ctx, stable_revision, total)
+    waiting = None
     if 0 < current.canary < size and current.ready_canary < current.canary:
         # Pods still starting (or pending) hold GPUs the nodes' accounting may not show yet: judge
         # the capacity for more once they run, never overcommit on a stale view.
-        waiting, size = None, current.canary
-    else:
-        # Blue-green keeps the stable whole, so the new pods must fit on free GPUs: no shifting.
-        router = ReplicaRatioRouter(max_surge=size, max_unavailable=0)
-        plan, waiting = rollout.plan_with_capacity(ctx, _FixedSplit(router, current.stable, size), total, 50,
-                                                   current, stable_d)
-        size = plan.canary_replicas if waiting is None else max(current.canary, plan.canary_replicas)
-    from digital_worker.operator.reconcile import apply
-
+        size = current.canary
+    elif size > current.canary and (view := rollout.gpu_view(ctx, stable_d)) is not None:
+        available, new_gpus, stable_gpus = view
+        # Blue-green keeps the stable whole (its floor is its size), so the new pods must fit on free GPUs.
+        decision = plan_capacity(available, current.stable, current.canary, current.stable, size, new_gpus,
+                                 stable_gpus, stable_floor=current.stable)
+        size, waiting = decision.canary_replicas, (decision.message if decision.waiting else None)
     apply(ctx, render.render_configmap(ctx.body, ctx.spec, ctx.revision))
     apply(ctx, render.render_deployment(ctx.body, ctx.spec, ctx.revision, size))
     rollout.note_capacity(ctx, state, waiting)
     return waiting is None
-
-
-class _FixedSplit:
-    """A router whose plan is a fixed (stable, new) pair: blue-green's sizes go through the same
-    GPU capacity planning as canary steps."""
-
-    def __init__(self, router: ReplicaRatioRouter, stable: int, new: int) -> None:
-        self.router, self.stable, self.new = router, stable, new
-
-    def plan(self, total, weight, current=None):
-        from digital_worker.operator.traffic import TrafficPlan
-
-        return TrafficPlan(self.stable, self.new, weight, 0.0, True, (), True,
-                           f"{self.new} new / {self.stable} stable replica(s)")
-
-    def stable_floor(self, total, weight):
-        return self.stable  # blue-green never gives the stable's GPUs away
-
-    def for_counts(self, total, weight, stable, canary, ready_canary=None):
-        from digital_worker.operator.traffic import TrafficPlan
-
-        return TrafficPlan(stable, canary, weight, 0.0, True, (), (stable, canary) == (self.stable, self.new),
-                           f"held at {canary} new / {stable} stable replica(s)")
 
 
 def _ready_pod_urls(ctx, revision: str) -> list[str]:

@@ -199,17 +199,12 @@ def _run_step(ctx, state: dict[str, Any], step: dict[str, Any], stable_revision:
     """Advance one step; True when it is done."""
     if "setWeight" in step:
         weight = int(step["setWeight"])
-        stable_d, canary_d = _deployment(ctx, stable_revision), _deployment(ctx, ctx.revision)
-        current = ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
-                                canary=int(((canary_d or {}).get("spec") or {}).get("replicas", 0)),
-                                stable_ready=_ready(stable_d), canary_ready=_ready(canary_d))
-        plan, waiting = plan_with_capacity(ctx, router, total, weight, current, stable_d)
-        _apply_sizes(ctx, stable_revision, stable=plan.stable_replicas, canary=plan.canary_replicas)
-        _apply_route(ctx, router, stable_revision, plan.effective_weight)
-        state.update(weight=round(plan.effective_weight, 1), requestedWeight=weight, exact=plan.exact,
-                     phase=PROGRESSING, message=f"step {state['step']}: weight {weight}%: {plan.message}")
+        current, stable_d = revision_counts(ctx, stable_revision, total)
+        state.update(requestedWeight=weight, phase=PROGRESSING)
+        plan, waiting = set_split(ctx, state, stable_revision, total, weight, router, current, stable_d)
+        state.update(exact=plan.exact, message=f"step {state['step']}: weight {weight}%: {plan.message}")
         note_capacity(ctx, state, waiting)
-        done = plan.settled and _ready(canary_d) >= plan.canary_replicas and waiting is None and \
+        done = plan.settled and current.ready_canary >= plan.canary_replicas and waiting is None and \
             plan.stable_replicas == current.stable and plan.canary_replicas == current.canary
         return done or promoted
     if "pause" in step:
@@ -236,18 +231,30 @@ def keep_split(ctx, state: dict[str, Any], stable_revision: str, total: int, rou
     weight = state.get("requestedWeight")
     if weight is None:
         return
-    stable_d, canary_d = _deployment(ctx, stable_revision), _deployment(ctx, ctx.revision)
-    current = ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
-                            canary=int(((canary_d or {}).get("spec") or {}).get("replicas", 0)),
-                            stable_ready=_ready(stable_d), canary_ready=_ready(canary_d))
+    current, stable_d = revision_counts(ctx, stable_revision, total)
     wanted = router.plan(total, int(weight), current)
     if (wanted.stable_replicas, wanted.canary_replicas) == (current.stable, current.canary):
         return  # nothing to resize: the common case, no capacity lookups
-    plan, waiting = plan_with_capacity(ctx, router, total, int(weight), current, stable_d)
+    _, waiting = set_split(ctx, state, stable_revision, total, int(weight), router, current, stable_d)
+    note_capacity(ctx, state, waiting)
+
+
+def revision_counts(ctx, stable_revision: str, total: int) -> tuple[ReplicaCounts, dict[str, Any] | None]:
+    """Replicas the stable and the new revision's Deployments ask for and have ready (and the stable's)."""
+    stable_d, new_d = _deployment(ctx, stable_revision), _deployment(ctx, ctx.revision)
+    return ReplicaCounts(stable=int(((stable_d or {}).get("spec") or {}).get("replicas", total)),
+                         canary=int(((new_d or {}).get("spec") or {}).get("replicas", 0)),
+                         stable_ready=_ready(stable_d), canary_ready=_ready(new_d)), stable_d
+
+
+def set_split(ctx, state: dict[str, Any], stable_revision: str, total: int, weight: int, router,
+              current: ReplicaCounts, stable_d: dict[str, Any] | None):
+    """Size both revisions (and the route) for `weight` as far as the GPUs allow: (plan, waiting)."""
+    plan, waiting = plan_with_capacity(ctx, router, total, weight, current, stable_d)
     _apply_sizes(ctx, stable_revision, stable=plan.stable_replicas, canary=plan.canary_replicas)
     _apply_route(ctx, router, stable_revision, plan.effective_weight)
     state["weight"] = round(plan.effective_weight, 1)
-    note_capacity(ctx, state, waiting)
+    return plan, waiting
 
 
 # --- GPU capacity -----------------------------------------------------------------------------------
@@ -261,24 +268,35 @@ def plan_with_capacity(ctx, router, total: int, weight: int, current: ReplicaCou
     plan = router.plan(total, weight, current)
     if plan.canary_replicas <= current.canary and plan.stable_replicas <= current.stable:
         return plan, None
-    canary_template = render.render_deployment(ctx.body, ctx.spec, ctx.revision, 0)["spec"]["template"]
+    view = gpu_view(ctx, stable_deployment)
+    if view is None:
+        return plan, None
+    available, new_gpus, stable_gpus = view
+    canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
+    step = gpu.plan_rollout_step(
+        router, available, total, weight, current, gpus_per_canary_replica=new_gpus,
+        gpus_per_stable_replica=stable_gpus,
+        max_unavailable=resolve_int_or_percent(_int_or_percent(canary_spec.get("maxUnavailable", "0")), total,
+                                               False, "maxUnavailable"))
+    return step.traffic, (step.capacity.message if step.waiting else None)
+
+
+def gpu_view(ctx, stable_deployment: dict[str, Any] | None):
+    """(free GPU capacity on the nodes the new pods can land on, GPUs per new replica, per stable
+    replica), or None when no GPU node is known (e.g. nodes appear on demand): nothing to hold to."""
+    from digital_worker.operator import capacity as gpu
+
+    new_template = render.render_deployment(ctx.body, ctx.spec, ctx.revision, 0)["spec"]["template"]
     runtime = ctx.spec.get("runtime", {})
     nodes = ctx.client.list("v1", "nodes")
     available = gpu.gpu_capacity(nodes, ctx.client.list("v1", "pods") if nodes else [],
                                  gpu_type=runtime.get("gpuType"),
-                                 tolerations=canary_template["spec"].get("tolerations") or [],
+                                 tolerations=new_template["spec"].get("tolerations") or [],
                                  node_selector=runtime.get("nodeSelector"))
     if not available.nodes:
-        return plan, None  # no GPU node known (e.g. nodes appear on demand): nothing to hold the plan to
-    stable_template = ((stable_deployment or {}).get("spec") or {}).get("template") or canary_template
-    canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
-    step = gpu.plan_rollout_step(
-        router, available, total, weight, current,
-        gpus_per_canary_replica=max(1, gpu.pod_gpu_request(canary_template)),
-        gpus_per_stable_replica=max(1, gpu.pod_gpu_request(stable_template)),
-        max_unavailable=resolve_int_or_percent(_int_or_percent(canary_spec.get("maxUnavailable", "0")), total,
-                                               False, "maxUnavailable"))
-    return step.traffic, (step.capacity.message if step.waiting else None)
+        return None
+    stable_template = ((stable_deployment or {}).get("spec") or {}).get("template") or new_template
+    return (available, max(1, gpu.pod_gpu_request(new_template)), max(1, gpu.pod_gpu_request(stable_template)))
 
 
 def note_capacity(ctx, state: dict[str, Any], waiting: str | None) -> None:
