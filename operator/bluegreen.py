@@ -27,7 +27,7 @@ import time
 import urllib.request
 from typing import Any
 
-from digital_worker.operator import pods, render
+from digital_worker.operator import metrics, pods, render
 from digital_worker.operator import rollout
 from digital_worker.operator import schema as api
 from digital_worker.operator.rollout import ABORTED, BLUE_GREEN, COMPLETED, PAUSED, PROGRESSING
@@ -76,7 +76,7 @@ def reconcile_bluegreen(ctx, stable_revision: str, now: float | None = None) -> 
             state["phase"], state["message"] = PAUSED, "paused by a human (digital-worker resume to continue)"
         if state["step"] >= len(STEPS) and state["phase"] != COMPLETED:
             ctx.events.append(rollout._event("Normal", "RolloutCompleted", f"revision {ctx.revision} is stable"))
-            rollout.record_result(BLUE_GREEN, COMPLETED)
+            metrics.record_rollout_result(BLUE_GREEN, COMPLETED)
             state.update(phase=COMPLETED, weight=100, message=f"revision {ctx.revision} promoted to stable")
         if state["phase"] == ABORTED:  # aborted by analysis in this pass: switch back and scale down now
             state["active"] = stable_revision

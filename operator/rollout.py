@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from digital_worker.operator import render
+from digital_worker.operator import metrics, render
 from digital_worker.operator import schema as api
 from digital_worker.operator.analysis import (Action, AnalysisSpec, AnalysisState, evaluate, is_due, measure_run,
                                              resume)
@@ -335,7 +335,8 @@ def run_analysis(ctx, state: dict[str, Any], settings: dict[str, Any], stable_re
         result, analysis = evaluate(analysis, measurements, now, spec)
         state[key] = analysis.to_dict()
         state["message"] = f"{label}: analysis {result.reason or 'running'}: {result.message}"
-        _record_verdict(result.verdict)
+        if result.verdict is not None:
+            metrics.record_analysis_verdict(result.verdict.value)
         if result.action is Action.PASS:
             ctx.events.append(_event("Normal", "AnalysisPassed", f"{label}: {result.message}"))
             return True
@@ -350,37 +351,13 @@ def run_analysis(ctx, state: dict[str, Any], settings: dict[str, Any], stable_re
     return False
 
 
-def _record_verdict(verdict) -> None:
-    if verdict is None:
-        return
-    try:
-        from digital_worker.operator import metrics
-
-        record = getattr(metrics, "record_analysis_verdict", None)
-        if record is not None:
-            record(verdict.value)
-    except ImportError:  # prometheus_client absent (render-only installs): nothing to count
-        pass
-
-
-def record_result(strategy: str, result: str) -> None:
-    try:
-        from digital_worker.operator import metrics
-
-        record = getattr(metrics, "record_rollout_result", None)
-        if record is not None:
-            record(strategy, result)
-    except ImportError:
-        pass
-
-
 def _abort(ctx, state: dict[str, Any], reason: str) -> None:
     strategy = state.get("strategy", CANARY)
     state.update(phase=ABORTED, abortReason=reason, weight=0, message=f"aborted: {reason}")
     state.pop("waitingFor", None)
     ctx.events.append(_event("Warning", "RolloutAborted", f"{strategy.lower()} {ctx.revision} aborted, stable "
                                                          f"takes all traffic back: {reason}"))
-    record_result(strategy, ABORTED)
+    metrics.record_rollout_result(strategy, ABORTED)
 
 
 def _complete(ctx, state: dict[str, Any], stable_revision: str, total: int, router) -> None:
@@ -393,7 +370,7 @@ def _complete(ctx, state: dict[str, Any], stable_revision: str, total: int, rout
         delete_revision(ctx, stable_revision)
         if state["phase"] != COMPLETED:
             ctx.events.append(_event("Normal", "RolloutCompleted", f"revision {ctx.revision} is stable"))
-            record_result(state.get("strategy", CANARY), COMPLETED)
+            metrics.record_rollout_result(state.get("strategy", CANARY), COMPLETED)
         state.update(phase=COMPLETED, weight=100, message=f"revision {ctx.revision} promoted to stable")
     else:
         _apply_route(ctx, router, stable_revision, 100 * _ready(canary) / max(total, 1))
