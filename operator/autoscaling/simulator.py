@@ -545,9 +545,14 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
         else:
             service = ready * fleet_model.capacity
             if backlog > 0 or per_replica >= fleet_model.capacity:
+                wait_before = backlog / service
                 backlog = max(0.0, backlog + (rate - service) * step)
                 wait = backlog / service
-                attainment = fleet_model.attainment_after_wait(wait) if per_replica < fleet_model.capacity * 1.05 else 0.0
+                # Requests arriving through the step find the backlog growing (or draining)
+                # linearly from its level before to its level after: average over the step.
+                attainment = (fleet_model.attainment_after_wait(wait_before)
+                              + 2.0 * fleet_model.attainment_after_wait((wait_before + wait) / 2.0)
+                              + fleet_model.attainment_after_wait(wait)) / 4.0
             else:
                 wait = 0.0
                 attainment = fleet_model.attainment(per_replica)
