@@ -230,6 +230,12 @@ AUTOSCALING_SCHEMA = _obj(
         "intervalSeconds": _int("How often the autoscaler decides.", minimum=5, maximum=600, default=20),
         "targetRequestsPerReplica": _num("Starting estimate of req/s one replica sustains within the SLO.",
                                          minimum=0.01),
+        "targetPromptTokensPerReplica": _num(
+            "Starting estimate of prompt tokens/s one replica prefills within the SLO "
+            "(default: targetRequestsPerReplica at the first request mix seen).", minimum=0.01),
+        "targetGenerationTokensPerReplica": _num(
+            "Starting estimate of generated tokens/s one replica sustains within the SLO "
+            "(default: targetRequestsPerReplica at the first request mix seen).", minimum=0.01),
         "coldStartSeconds": _int("Replica cold start (learned from readiness when absent).", minimum=0,
                                  maximum=7200),
         "slo": _obj({"ttftP95Seconds": _num(minimum=0.01, maximum=600),

@@ -332,6 +332,12 @@ class Autoscaler:
                 "horizonSeconds": round(forecast.horizon_seconds, 1),
                 "model": forecast.model,
             }
+        if state is not None:
+            # The token capacities (learned like the request capacity) once a request mix was seen.
+            for field_name, value in (("capacityPromptTokensPerReplica", state.prompt_tokens_capacity),
+                                      ("capacityGenerationTokensPerReplica", state.generation_tokens_capacity)):
+                if value is not None:
+                    status[field_name] = round(value, 2)
         if state is not None and state.cold_start_seconds is not None:
             status["learnedColdStartSeconds"] = round(state.cold_start_seconds, 1)
         if entry.last_fit_seconds is not None:

@@ -4,7 +4,10 @@ Per tick:
 1. Hold on missing or stale metrics (never scale down blind; scale up still allowed when the
    replicas we have are visibly overloaded by the last good samples).
 2. Capacity: requests/s one replica sustains within the TTFT SLO, starting from
-   `targetRequestsPerReplica` and learned from observed (per-replica load, TTFT p95) pairs.
+   `targetRequestsPerReplica` and learned from observed (per-replica load, TTFT p95) pairs; and
+   prompt and generated tokens/s, so that longer requests at the same request rate need more
+   replicas at once (not after the SLO breaks). The tightest of the three, in requests/s at the
+   current request mix, is the capacity every target below divides by.
 3. Proactive target: the forecast's upper-quantile peak demand over the provisioning lead time
    (cold start, learned from readiness history, plus one tick) divided by capacity.
 4. Reactive safety net: the current demand divided by capacity, and an immediate step up when
@@ -19,10 +22,12 @@ from dataclasses import dataclass, replace
 
 from .forecast import Forecast
 from .history import (
+    GENERATION_TOKEN_RATE,
     GPU_MEMORY_USED,
     GPU_UTILIZATION,
     ITL_P95,
     KV_CACHE_USAGE,
+    PROMPT_TOKEN_RATE,
     QUEUE_LENGTH,
     REQUEST_RATE,
     TTFT_P95,
@@ -71,6 +76,68 @@ class ForecastPolicyState:
     previous_ready: int | None = None  # ready replicas at the previous tick
     overload_streak: int = 0  # consecutive ticks breaking the SLO at a steady fleet
     breach_streak: int = 0  # consecutive ticks with a reactive threshold breached
+    # Tokens/s one replica sustains within the SLO, per kind (learned like capacity_rps). The
+    # starting values come from the spec, else from the request mix first seen: the mix the
+    # request capacity was meant for.
+    prompt_tokens_capacity: float | None = None
+    generation_tokens_capacity: float | None = None
+    prompt_tokens_start: float | None = None
+    generation_tokens_start: float | None = None
+
+
+@dataclass(frozen=True)
+class RequestMix:
+    """Mean tokens per request over the last few ticks."""
+
+    prompt_tokens: float
+    generation_tokens: float
+
+
+# Requests a mix is measured over before it is trusted: prompt lengths vary a lot, so the mean of
+# fewer moves by more than the tolerance below on noise alone.
+MIX_MIN_REQUESTS = 100.0
+MIX_TICKS = 6
+# The starting token capacities come from a longer look (the whole history window).
+ANCHOR_MIN_REQUESTS = 300.0
+# A token capacity binds only when it is this much tighter than the request capacity: the mix of a
+# few ticks is noisy, and the tightest of three noisy estimates would overprovision on noise alone.
+MIX_TOLERANCE = 1.2
+CAPACITY_KINDS = ("requests", "prompt tokens", "generated tokens")
+
+
+def request_mix(history: MetricHistory, ticks: int | None = MIX_TICKS,
+                min_requests: float = MIX_MIN_REQUESTS) -> RequestMix | None:
+    """Tokens per request over the last `ticks` samples (all: None), when the token rates are reported."""
+    since = history.timestamps[-ticks] if ticks and len(history.timestamps) >= ticks else -math.inf
+    requests = history.points(REQUEST_RATE, since)
+    prompt = dict(history.points(PROMPT_TOKEN_RATE, since))
+    generated = dict(history.points(GENERATION_TOKEN_RATE, since))
+    pairs = [(rate, prompt[t], generated[t]) for t, rate in requests if t in prompt and t in generated]
+    total = sum(rate for rate, _, _ in pairs)
+    if total <= 0 or total * history.step_seconds < min_requests:
+        return None
+    return RequestMix(sum(p for _, p, _ in pairs) / total, sum(g for _, _, g in pairs) / total)
+
+
+def capacity_at_mix(spec: AutoscalingSpec, state: ForecastPolicyState, mix: RequestMix | None) -> tuple[float, str]:
+    """Requests/s one replica sustains at this mix, and which capacity binds.
+
+    The request capacity, unless a token capacity divided by the tokens per request is more than
+    `MIX_TOLERANCE` tighter (longer prompts or answers than the mix the estimates were made at).
+    """
+    capacity = state.capacity_rps or spec.target_requests_per_replica
+    binding = CAPACITY_KINDS[0]
+    if mix is None:
+        return capacity, binding
+    tightest = capacity
+    for kind, tokens_capacity, per_request in (
+        (CAPACITY_KINDS[1], state.prompt_tokens_capacity, mix.prompt_tokens),
+        (CAPACITY_KINDS[2], state.generation_tokens_capacity, mix.generation_tokens),
+    ):
+        if tokens_capacity and per_request > 0 and tokens_capacity / per_request * MIX_TOLERANCE < capacity:
+            if tokens_capacity / per_request < tightest:
+                tightest, binding = tokens_capacity / per_request, kind
+    return tightest, binding
 
 
 def lead_time_seconds(spec: AutoscalingSpec, state: ForecastPolicyState | None) -> float:
@@ -116,32 +183,61 @@ class ForecastPolicy:
         ready = context.ready_replicas
         steady = ready == state.previous_ready
         state = replace(state, previous_ready=ready)
+        if state.prompt_tokens_start is None:
+            anchor = request_mix(history, None, ANCHOR_MIN_REQUESTS)
+            if anchor is not None:
+                state = self._anchor_token_capacities(spec, state, anchor)
+        mix = request_mix(history)
         # Only a steady set of ready replicas gives clean evidence: when it changed, the samples
         # of the last interval were served by a different number of replicas than `ready`.
         if rate is None or ttft is None or ready <= 0 or rate <= 0 or not steady:
             return state
-        per_replica = rate / ready
         slo = spec.slo_ttft_p95_seconds
-        start = spec.target_requests_per_replica
-        capacity = state.capacity_rps or start
+        capacity, binding = capacity_at_mix(spec, state, mix)
+        per_replica = rate / ready
+        # Each kind: (state field, its starting value, observed load per replica).
+        loads = {CAPACITY_KINDS[0]: ("capacity_rps", spec.target_requests_per_replica, per_replica)}
+        if mix is not None and state.prompt_tokens_start is not None:
+            loads[CAPACITY_KINDS[1]] = ("prompt_tokens_capacity", state.prompt_tokens_start,
+                                        per_replica * mix.prompt_tokens)
+            loads[CAPACITY_KINDS[2]] = ("generation_tokens_capacity", state.generation_tokens_start,
+                                        per_replica * mix.generation_tokens)
+        changes: dict[str, float] = {}
         streak = 0
         if ttft > slo and queue > 0 and per_replica <= 1.1 * capacity:
             # The SLO broke at (or below) the load we call sustainable: real traffic is burstier
-            # or prompts longer than assumed. Step the estimate down a little at a time, so one
-            # burst costs little and a real shortfall is corrected within minutes.
+            # or requests longer than assumed. Step the binding estimate down a little at a time,
+            # so one burst costs little and a real shortfall is corrected within minutes.
             streak = state.overload_streak + 1
             if streak >= 2:  # one tick over the SLO is a burst; two in a row are a pattern
                 step_down = 0.97 if streak < 4 else 0.9
-                capacity = max(0.3 * start, min(capacity, per_replica) * step_down)
-        elif ttft <= 0.5 * slo and queue <= ready and capacity < per_replica and capacity < start:
-            # A load served comfortably within the SLO is sustainable: an estimate knocked down
-            # below it (by bursts) comes back up to what was observed, at most to the spec's value.
-            capacity = min(start, per_replica)
-        elif ttft <= 0.25 * slo and queue <= ready and per_replica >= 0.9 * capacity:
-            # Far within the SLO at close to the estimate: the estimate is too modest. Probe
-            # upwards slowly (TTFT is a hockey stick; an overload will bring it back down).
-            capacity = min(2.0 * start, capacity * 1.01)
-        return replace(state, capacity_rps=capacity, overload_streak=streak)
+                field_name, start, load = loads[binding]
+                current = getattr(state, field_name) or start
+                changes[field_name] = max(0.3 * start, min(current, load) * step_down)
+        elif ttft <= 0.5 * slo and queue <= ready:
+            for kind, (field_name, start, load) in loads.items():
+                current = getattr(state, field_name) or start
+                if current < load and current < start:
+                    # A load served comfortably within the SLO is sustainable: an estimate knocked
+                    # down below it (by bursts) comes back up to it, at most to its starting value.
+                    changes[field_name] = min(start, load)
+                elif kind == binding and ttft <= 0.25 * slo and load >= 0.9 * current:
+                    # Far within the SLO at close to the estimate: the estimate is too modest.
+                    # Probe upwards slowly (TTFT is a hockey stick; an overload brings it down).
+                    changes[field_name] = min(2.0 * start, current * 1.01)
+        return replace(state, overload_streak=streak, **changes)
+
+    @staticmethod
+    def _anchor_token_capacities(spec: AutoscalingSpec, state: ForecastPolicyState, mix: RequestMix) -> ForecastPolicyState:
+        """Token capacities to start from: the spec's, else the request capacity at the first mix seen."""
+        capacity = state.capacity_rps or spec.target_requests_per_replica
+        prompt = spec.target_prompt_tokens_per_replica or capacity * mix.prompt_tokens
+        generated = spec.target_generation_tokens_per_replica or capacity * mix.generation_tokens
+        if prompt <= 0 or generated <= 0:
+            return state
+        return replace(state, prompt_tokens_capacity=state.prompt_tokens_capacity or prompt,
+                       generation_tokens_capacity=state.generation_tokens_capacity or generated,
+                       prompt_tokens_start=prompt, generation_tokens_start=generated)
 
     # -- cold start -----------------------------------------------------------------------------
     def _learn_cold_start(self, context: PolicyContext, state: ForecastPolicyState) -> ForecastPolicyState:
@@ -178,7 +274,8 @@ class ForecastPolicy:
             )
 
         state = self._learn_capacity(context, state)
-        capacity = state.capacity_rps or spec.target_requests_per_replica
+        mix = request_mix(history)
+        capacity, binding = capacity_at_mix(spec, state, mix)
         if rate > 0 or (history.latest(QUEUE_LENGTH) or 0) > 0:
             state = replace(state, last_demand_time=context.now)
 
@@ -186,6 +283,9 @@ class ForecastPolicy:
         reactive_target = replicas_for(rate, capacity)
         target = reactive_target
         reasons.append(f"demand {rate:.2f} req/s needs {reactive_target} at {capacity:.2f} req/s per replica")
+        if binding != CAPACITY_KINDS[0]:
+            per_request = mix.prompt_tokens if binding == CAPACITY_KINDS[1] else mix.generation_tokens
+            reasons.append(f"capacity bound by {binding} ({per_request:.0f} per request)")
 
         forecast = context.forecast
         if forecast is not None:

@@ -43,7 +43,9 @@ from digital_worker.runtime.perfmodel import (
 from .baselines import AibrixPolicy, DynamoPolicy, KedaPolicy, OraclePolicy, ReactiveHpaPolicy
 from .forecast import MAX_FIT_BUCKETS, Forecast, IncrementalForecaster, fit_arima, fit_forecaster
 from .history import (
+    GENERATION_TOKEN_RATE,
     KV_CACHE_USAGE,
+    PROMPT_TOKEN_RATE,
     QUEUE_LENGTH,
     REQUEST_RATE,
     RUNNING_REQUESTS,
@@ -507,6 +509,8 @@ def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig,
             if tick_steps:
                 rows.append((now, {
                     REQUEST_RATE: tick_rate_sum / tick_steps,
+                    PROMPT_TOKEN_RATE: tick_rate_sum / tick_steps * workload.sizes.mean_prompt_tokens,
+                    GENERATION_TOKEN_RATE: tick_rate_sum / tick_steps * workload.sizes.mean_output_tokens,
                     QUEUE_LENGTH: tick_queue_max,
                     RUNNING_REQUESTS: tick_running_sum / tick_steps,
                     KV_CACHE_USAGE: tick_kv_max,

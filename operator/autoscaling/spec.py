@@ -42,6 +42,9 @@ class AutoscalingSpec:
     slo_ttft_p95_seconds: float = 2.0
     slo_itl_p95_seconds: float | None = None
     target_requests_per_replica: float = 4.0
+    # Tokens/s one replica prefills / generates within the SLO; None: from the first request mix seen.
+    target_prompt_tokens_per_replica: float | None = None
+    target_generation_tokens_per_replica: float | None = None
     forecast: ForecastSpec = field(default_factory=ForecastSpec)
     reactive: ReactiveSpec = field(default_factory=ReactiveSpec)
     scale_down: ScaleDownSpec = field(default_factory=ScaleDownSpec)
@@ -94,6 +97,8 @@ def parse_spec(raw: Mapping[str, Any] | None) -> AutoscalingSpec:
         slo_ttft_p95_seconds=float(_number(slo, "ttftP95Seconds", 2.0, f"{path}.slo", 0.001)),
         slo_itl_p95_seconds=_number(slo, "itlP95Seconds", None, f"{path}.slo", 0.0),
         target_requests_per_replica=float(_number(raw, "targetRequestsPerReplica", 4.0, path, 1e-6)),
+        target_prompt_tokens_per_replica=_number(raw, "targetPromptTokensPerReplica", None, path, 1e-6),
+        target_generation_tokens_per_replica=_number(raw, "targetGenerationTokensPerReplica", None, path, 1e-6),
         forecast=ForecastSpec(
             quantile=float(_number(forecast_raw, "quantile", 0.9, f"{path}.forecast", 0.5, 0.999)),
             horizon_seconds=_number(forecast_raw, "horizonSeconds", None, f"{path}.forecast", 0.0),

@@ -31,7 +31,7 @@ from digital_worker.operator.autoscaling.metrics import (
     PrometheusMetricsSource,
     histogram_quantile,
 )
-from digital_worker.operator.autoscaling.policy import HOLD, HOLD_METRICS_MISSING, SCALE_UP
+from digital_worker.operator.autoscaling.policy import HOLD, HOLD_METRICS_MISSING, SCALE_UP, request_mix
 from digital_worker.runtime.sim import SimConfig, SimulatedSGLang
 
 pytestmark = pytest.mark.timeout(150)
@@ -139,6 +139,11 @@ async def test_prometheus_source_reads_sglang_metrics(prometheus):
         assert history.latest(name) is not None, name
     assert 0 < history.latest(TTFT_P95) < 2.0
     assert counts.get(200, 0) > 50
+    # The token rates give the request mix the policy sizes token capacities by: every request
+    # asked for 24 tokens of the same prompt.
+    mix = request_mix(history, None, 50.0)
+    assert mix is not None and 18.0 < mix.generation_tokens < 30.0, mix
+    assert 100.0 < mix.prompt_tokens < 400.0, mix
 
 
 async def test_prometheus_down_means_hold():

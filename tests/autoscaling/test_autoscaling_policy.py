@@ -7,10 +7,12 @@ import pytest
 
 from digital_worker.operator.autoscaling.forecast import Forecast
 from digital_worker.operator.autoscaling.history import (
+    GENERATION_TOKEN_RATE,
     GPU_MEMORY_USED,
     GPU_UTILIZATION,
     ITL_P95,
     KV_CACHE_USAGE,
+    PROMPT_TOKEN_RATE,
     QUEUE_LENGTH,
     REQUEST_RATE,
     TTFT_P95,
@@ -330,3 +332,79 @@ def test_one_burst_does_not_teach_a_lower_capacity():
         decision, state = policy.decide(PolicyContext(now, spec(), 5, 5, history(now, 0.95 * CAPACITY * 5), None, state))
     assert state.capacity_rps == pytest.approx(0.95 * CAPACITY)  # what was served, not more
 
+
+
+def token_history(now: float, rate: float, prompt_per_request, generated_per_request: float = 200.0,
+                  **kwargs) -> MetricHistory:
+    """`history` plus the prompt and generated token rates of requests of the given sizes;
+    `prompt_per_request` may be a function of the sample's time."""
+    hist = history(now, rate, **kwargs)
+    prompt = prompt_per_request if callable(prompt_per_request) else (lambda t: prompt_per_request)
+    series = {PROMPT_TOKEN_RATE: tuple(rate * prompt(t) for t in hist.timestamps),
+              GENERATION_TOKEN_RATE: (rate * generated_per_request,) * len(hist.timestamps)}
+    return MetricHistory(hist.timestamps, {**hist.series, **series}, hist.step_seconds)
+
+
+def test_longer_requests_at_the_same_rate_scale_up_before_the_slo_breaks():
+    """The request rate stays at 8 req/s, but prompts double (a new RAG feature, say): the prompt-token
+    capacity binds and the replicas double at once, while TTFT still looks fine."""
+    policy = ForecastPolicy()
+    state = None
+    fleet = FakeFleet(2)
+    desired = []
+    for i in range(40):
+        now = 1000.0 + i * TICK
+        def prompt(t):  # per sample: the history's newest samples show the change first
+            return 1000.0 if t < 1000.0 + 20 * TICK else 2000.0
+
+        context = PolicyContext(now, spec(), len(fleet.ready_at), fleet.ready(now), token_history(now, 8.0, prompt),
+                                None, state)
+        decision, state = policy.decide(context)
+        fleet.apply(decision.desired_replicas, now)
+        desired.append(decision.desired_replicas)
+        if i == 19:
+            assert decision.capacity_rps == pytest.approx(CAPACITY) and "tokens" not in decision.reason
+    assert desired[:20] == [2] * 20
+    # The mix is a mean over the last six ticks: the doubling shows in part after two of them, whole
+    # after six; TTFT never moved.
+    assert desired[21] == 3 and desired[25] == 4 and desired[-1] == 4
+    assert "capacity bound by prompt tokens (2000 per request)" in decision.reason
+    assert decision.capacity_rps == pytest.approx(2.0)
+    # The token capacities started from the request capacity at the first mix seen.
+    assert state.prompt_tokens_capacity == pytest.approx(CAPACITY * 1000.0)
+    assert state.capacity_rps in (None, CAPACITY)
+
+
+def test_a_noisy_request_mix_does_not_buy_replicas():
+    """Tokens per request wander by +-15% tick to tick: within the tolerance, the request capacity rules."""
+    policy = ForecastPolicy()
+    state = None
+    for i in range(40):
+        now = 1000.0 + i * TICK
+        def prompt(t):
+            return 1000.0 * (1.15 if round(t / TICK) % 2 else 0.85)
+
+        decision, state = policy.decide(PolicyContext(now, spec(), 2, 2, token_history(now, 8.0, prompt), None, state))
+        assert decision.desired_replicas == 2 and decision.capacity_rps == pytest.approx(CAPACITY), i
+
+
+def test_the_prompt_token_capacity_is_learned_when_prompts_bind():
+    """Replicas prefill 3000 prompt tokens/s within the SLO, not the 4000 the spec starts from: with
+    2000-token prompts the token estimate comes down, the request estimate stays."""
+    the_spec = spec(targetPromptTokensPerReplica=4000)
+    assert the_spec.target_prompt_tokens_per_replica == 4000 and the_spec.target_generation_tokens_per_replica is None
+    true_prompt_capacity = 3000.0
+
+    def metrics(now, rate, fleet):
+        ready = max(1, fleet.ready(now))
+        overloaded = rate / ready * 2000.0 > true_prompt_capacity
+        return token_history(now, rate, 2000.0, ttft=4.0 if overloaded else 1.0, queue=20.0 * ready if overloaded else 0.0)
+
+    fleet = FakeFleet(4)  # what the spec's estimate asks for: 7 req/s x 2000 tokens / 4000
+    trace, state = run(ForecastPolicy(), the_spec, fleet, lambda t: 7.0, 90, metrics=metrics)
+    assert state.prompt_tokens_capacity < 3500.0  # below the load at which the SLO broke
+    assert state.capacity_rps in (None, CAPACITY)
+    assert fleet.ready(90 * TICK) * true_prompt_capacity >= 7.0 * 2000.0
+    assert len({d for _, d, _ in trace[-40:]}) == 1
+    with pytest.raises(SpecError, match="targetGenerationTokensPerReplica"):
+        parse_spec({"targetGenerationTokensPerReplica": "many"})
