@@ -11,6 +11,8 @@ from pathlib import Path
 POLICY_CHOICES = (
     "all", "forecast", "oracle", "reactive-hpa-50", "reactive-hpa-60", "reactive-hpa-70", "reactive-hpa-80",
     "reactive-hpa-90", "keda-inflight", "aibrix-kpa-linear", "dynamo-arima",
+    # Analysis only (ours fed the true future demand per bucket): how much of ours is forecast error.
+    "forecast-clairvoyant",
 )
 AZURE_CONV = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
 

@@ -179,3 +179,15 @@ def test_a_brief_mild_overload_costs_what_the_backlog_costs():
     assert max(missed[:60]) < 0.01 * arrivals
     assert sum(missed[61:]) < 0.5 * arrivals  # the backlog drains within a few steps
     assert result.slo_attainment > 0.99
+
+
+def test_clairvoyant_splits_ours_from_the_oracle_into_control_and_forecast(taxi_day):
+    """Ours fed the true demand per forecast bucket: never cheaper than the oracle, at least as good as
+    ours with a forecast, and not part of --policy all (nobody can run it)."""
+    workload, config = taxi_day
+    results = {r.policy: r for r in simulator.compare(workload, ["forecast", "forecast-clairvoyant", "oracle"], config)}
+    known, ours, oracle = results["forecast-clairvoyant"], results["forecast"], results["oracle"]
+    assert known.gpu_hours >= 0.95 * oracle.gpu_hours
+    assert known.slo_attainment >= 0.99 and known.slo_attainment >= ours.slo_attainment - 0.002
+    fleet = simulator.FleetModel(config.params, workload.sizes, config.slo_ttft_seconds)
+    assert "forecast-clairvoyant" not in [r.name for r in simulator.build_policies("all", fleet, 180.0, 30.0)]
