@@ -22,7 +22,14 @@ from pathlib import Path
 
 from digital_worker.operator.autoscaling.controller import Autoscaler
 from digital_worker.operator.autoscaling.forecast import fit_forecaster
-from digital_worker.operator.autoscaling.history import KV_CACHE_USAGE, QUEUE_LENGTH, REQUEST_RATE, TTFT_P95
+from digital_worker.operator.autoscaling.history import (
+    GENERATION_TOKEN_RATE,
+    KV_CACHE_USAGE,
+    PROMPT_TOKEN_RATE,
+    QUEUE_LENGTH,
+    REQUEST_RATE,
+    TTFT_P95,
+)
 from digital_worker.operator.autoscaling.metrics import InMemoryMetricsSource
 
 BUCKET = 300.0
@@ -33,6 +40,12 @@ SPEC = {"mode": "Auto", "minReplicas": 1, "maxReplicas": 40, "targetRequestsPerR
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def token_rates(rate: float, rng: random.Random) -> dict:
+    """Prompt and generated tokens/s of requests around the Azure conversation trace's mean sizes."""
+    return {PROMPT_TOKEN_RATE: rate * 1155.0 * rng.uniform(0.85, 1.15),
+            GENERATION_TOKEN_RATE: rate * 211.0 * rng.uniform(0.85, 1.15)}
 
 
 def demand(shape: int, t: float) -> float:
@@ -57,7 +70,8 @@ async def run(workers: int, shapes: int, seed: int) -> dict:
         autoscaler.install_fit(key, model, history_times, values, fitted_at=now)
         for step in range(15, 0, -1):  # the last five minutes at 20 s
             t = now - step * 20
-            source.record(key, t, {REQUEST_RATE: demand(index % shapes, t) * rng.uniform(0.9, 1.1),
+            rate = demand(index % shapes, t) * rng.uniform(0.9, 1.1)
+            source.record(key, t, {REQUEST_RATE: rate, **token_rates(rate, rng),
                                    QUEUE_LENGTH: rng.uniform(0, 3), KV_CACHE_USAGE: rng.uniform(0.1, 0.6),
                                    TTFT_P95: rng.uniform(0.2, 0.8)})
     timings = []
@@ -65,7 +79,8 @@ async def run(workers: int, shapes: int, seed: int) -> dict:
     for tick, offset in enumerate((0.0, 20.0, 40.0, BUCKET + 20.0)):
         tick_now = now + offset
         for index, key in enumerate(keys):
-            source.record(key, tick_now, {REQUEST_RATE: demand(index % shapes, tick_now), QUEUE_LENGTH: 1.0,
+            rate = demand(index % shapes, tick_now)
+            source.record(key, tick_now, {REQUEST_RATE: rate, **token_rates(rate, rng), QUEUE_LENGTH: 1.0,
                                           KV_CACHE_USAGE: 0.4, TTFT_P95: 0.5})
         cpu_before, wall_before = cpu_seconds(), time.perf_counter()
         results = await asyncio.gather(*(autoscaler.tick(key, SPEC, 6, 6, tick_now, source) for key in keys))
