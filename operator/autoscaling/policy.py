@@ -119,6 +119,11 @@ def request_mix(history: MetricHistory, ticks: int | None = MIX_TICKS,
     return RequestMix(sum(p for _, p, _ in pairs) / total, sum(g for _, _, g in pairs) / total)
 
 
+def current_mix(history: MetricHistory) -> RequestMix | None:
+    """The mix of the last ticks, or of the whole window when they hold too few requests (low load)."""
+    return request_mix(history) or request_mix(history, None)
+
+
 def capacity_at_mix(spec: AutoscalingSpec, state: ForecastPolicyState, mix: RequestMix | None) -> tuple[float, str]:
     """Requests/s one replica sustains at this mix, and which capacity binds.
 
@@ -187,7 +192,7 @@ class ForecastPolicy:
             anchor = request_mix(history, None, ANCHOR_MIN_REQUESTS)
             if anchor is not None:
                 state = self._anchor_token_capacities(spec, state, anchor)
-        mix = request_mix(history)
+        mix = current_mix(history)
         # Only a steady set of ready replicas gives clean evidence: when it changed, the samples
         # of the last interval were served by a different number of replicas than `ready`.
         if rate is None or ttft is None or ready <= 0 or rate <= 0 or not steady:
@@ -274,7 +279,7 @@ class ForecastPolicy:
             )
 
         state = self._learn_capacity(context, state)
-        mix = request_mix(history)
+        mix = current_mix(history)
         capacity, binding = capacity_at_mix(spec, state, mix)
         if rate > 0 or (history.latest(QUEUE_LENGTH) or 0) > 0:
             state = replace(state, last_demand_time=context.now)

@@ -75,28 +75,29 @@ class Fleet:
         await self.resize(0)
 
 
-async def generate_load(fleet: Fleet, rate_at, stop: asyncio.Event, counts: dict) -> None:
-    """Open-loop Poisson-ish load following `rate_at(seconds since start)`."""
+async def generate_load(fleet: Fleet, rate_at, stop: asyncio.Event, counts: dict, prompt_at=None) -> None:
+    """Open-loop load following `rate_at(seconds since start)`, with `prompt_at(seconds)` (default PROMPT)."""
     started = time.monotonic()
     pending: set[asyncio.Task] = set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
 
-        async def one() -> None:
+        async def one(prompt: str) -> None:
             server = fleet.pick()
             if server is None:
                 counts["rejected"] = counts.get("rejected", 0) + 1
                 return
             try:
                 async with session.post(f"{server.url}/v1/completions",
-                                        json={"model": "default", "prompt": PROMPT, "max_tokens": 24}) as response:
+                                        json={"model": "default", "prompt": prompt, "max_tokens": 24}) as response:
                     await response.read()
                     counts[response.status] = counts.get(response.status, 0) + 1
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 counts["error"] = counts.get("error", 0) + 1
 
         while not stop.is_set():
-            rate = max(0.1, rate_at(time.monotonic() - started))
-            task = asyncio.create_task(one())
+            elapsed = time.monotonic() - started
+            rate = max(0.1, rate_at(elapsed))
+            task = asyncio.create_task(one(prompt_at(elapsed) if prompt_at else PROMPT))
             pending.add(task)
             task.add_done_callback(pending.discard)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -339,3 +340,46 @@ async def test_prometheus_source_reads_the_node_agents_gpu_series(tmp_path, prom
     assert 0 < history.latest(GPU_MEMORY_USED) < 1
     assert history.latest(REQUEST_RATE) is None  # no SGLang series here: the policy would hold
     assert without_pods.latest(GPU_UTILIZATION) is None
+
+
+async def test_longer_prompts_at_a_steady_rate_scale_up_end_to_end(prometheus):
+    """14 req/s throughout; after 36 s every prompt is twice as long. The token rates Prometheus reports
+    make the prompt-token capacity bind: the autoscaler asks for more replicas although the request
+    rate did not move and TTFT is still within the SLO."""
+    job = "dw-prompts"
+    fleet = Fleet(prometheus, job=job, cold_start=0.5)
+    source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=4, include_gpu=False)
+    autoscaler = Autoscaler(bucket_seconds=5.0, history_seconds=600.0)
+    spec = {"mode": "Auto", "minReplicas": 1, "maxReplicas": 8, "targetRequestsPerReplica": 8.0,
+            "intervalSeconds": 2, "coldStartSeconds": 1, "slo": {"ttftP95Seconds": 2.0},
+            "scaleDown": {"stabilizationSeconds": 6, "maxStepReplicas": 2}}
+    switch = 36.0
+    stop = asyncio.Event()
+    counts: dict = {}
+    decisions = []
+    try:
+        await fleet.resize(2)
+        load = asyncio.create_task(generate_load(fleet, lambda t: 14.0, stop, counts,
+                                                 lambda t: PROMPT if t < switch else PROMPT * 2))
+        started = time.monotonic()
+        while time.monotonic() - started < switch + 24.0:
+            await asyncio.sleep(2.0)
+            decision, status = await autoscaler.tick(
+                f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
+            decisions.append((time.monotonic() - started, decision.desired_replicas, decision.reason))
+            if decision.desired_replicas != len(fleet.servers):
+                await fleet.resize(decision.desired_replicas)
+        stop.set()
+        await load
+    finally:
+        stop.set()
+        autoscaler.close()
+        await fleet.close()
+    before = [d for t, d, _ in decisions if 20.0 < t < switch]
+    after = [(d, reason) for t, d, reason in decisions if t > switch + 16.0]
+    assert before and max(before) == 2, decisions  # the short prompts: 14 req/s at 8 per replica
+    assert after and min(d for d, _ in after) >= 3, decisions
+    assert any("capacity bound by prompt tokens" in reason for _, reason in after), decisions
+    assert "ttft" not in " ".join(reason.lower() for _, reason in after)  # not the safety net: TTFT was fine
+    assert status["capacityPromptTokensPerReplica"] > 0
+    assert counts.get(200, 0) > 600
