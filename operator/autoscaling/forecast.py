@@ -11,12 +11,19 @@ Models: Holt-Winters with additive damped trend and daily or weekly seasonality 
 autocorrelation at those lags, or forced by spec), a damped Holt trend when the history is too
 short for a season, and the last value when it is shorter still. The one with the lowest rolling
 backtest error over the provisioning horizon wins. `fit_arima` is the Dynamo-like baseline's ARIMA.
+
+The upper band has two candidates: the split-conformal band above, and a linear quantile
+regression (statsmodels QuantReg) of the horizon's peak on the recent values, their spread and
+the same hours a day and a week earlier. The regression can widen the band where spikes come
+(busy hours, after a jump) and narrow it elsewhere; the conformal band is one width for all. On
+held-out data, the one with the lower pinball loss at `quantile` is used.
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +34,30 @@ WEEK_SECONDS = 7 * DAY_SECONDS
 MAX_FIT_BUCKETS = 6048  # three weeks of 5-minute buckets
 MIN_BACKTEST_ERRORS = 12
 SEASONAL_ACF_THRESHOLD = 0.3
+# The recent buckets the upper-band regression reads (an hour of 5-minute buckets).
+RECENT_BUCKETS = 12
+# Rows the regression is fitted on at most (two weeks of 5-minute buckets): fit time, not accuracy.
+MAX_REGRESSION_ROWS = 4032
+# Expected exceedances of the upper quantile on the held-out day needed to compare two bands.
+MIN_HELD_OUT_EXCEEDANCES = 10
+
+
+def peak_features(values, t: int, horizon: int, seasonal_lags: tuple[int, ...]) -> list[float]:
+    """Regressors for the peak of values[t+1 .. t+horizon], from what is known at t.
+
+    The last three values, the mean, highest value and spread of the last hour, and for each
+    seasonal lag (a day, a week) the peak over the same buckets one lag earlier and how far the
+    level is from where it was one lag earlier.
+    """
+    first = max(0, t - RECENT_BUCKETS + 1)
+    recent = values[first:t + 1]
+    mean = sum(recent) / len(recent)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in recent) / len(recent))
+    row = [1.0, values[t], values[max(0, t - 1)], values[max(0, t - 2)], mean, max(recent), spread]
+    for lag in seasonal_lags:
+        row.append(max(values[t + 1 - lag:t + 1 + horizon - lag]))
+        row.append(values[t] - values[t - lag])
+    return row
 
 
 @dataclass(frozen=True)
@@ -49,6 +80,10 @@ class FittedModel:
     backtest_mae: float = math.inf
     fit_seconds: float = 0.0
     observations: int = 0
+    # The upper band by quantile regression, when it beat the conformal band on held-out data:
+    # [h-1] are the coefficients for the peak over 1..h buckets (see `peak_features`).
+    upper_regression: tuple[tuple[float, ...], ...] = ()
+    seasonal_lags: tuple[int, ...] = ()  # in buckets: the lags `peak_features` reads
 
     @property
     def name(self) -> str:
@@ -59,6 +94,17 @@ class FittedModel:
         if self.kind == "arima":
             return f"arima({len(self.ar_coefficients)},1,0)"
         return self.kind
+
+    @property
+    def name_with_band(self) -> str:
+        return f"{self.name}+quantile-regression" if self.upper_regression else self.name
+
+    @property
+    def memory_buckets(self) -> int:
+        """How many recent values the running state keeps for the upper-band regression."""
+        if not self.upper_regression:
+            return 0
+        return max((*self.seasonal_lags, RECENT_BUCKETS)) + len(self.upper_regression) + 1
 
 
 @dataclass(frozen=True)
@@ -83,7 +129,10 @@ class ModelState:
         self.level = model.initial_level
         self.trend = model.initial_trend
         self.seasons = list(model.initial_seasons)
-        self.recent: list[float] = []  # the last values, for last-value and ARIMA
+        # The last values, for last-value, ARIMA and the band regression (up to a week and more of
+        # them for the regression: an array of doubles, not a list of float objects).
+        self.recent = array("d")
+        self.keep = max(2, len(model.ar_coefficients) + 2, model.memory_buckets)
 
     def update(self, value: float) -> None:
         model = self.model
@@ -97,9 +146,8 @@ class ModelState:
                 self.seasons[self.count % m] = model.gamma * (value - previous) + (1 - model.gamma) * season_old
             self.level = level
         self.recent.append(value)
-        keep = max(2, len(model.ar_coefficients) + 2)
-        if len(self.recent) > keep:
-            del self.recent[: len(self.recent) - keep]
+        if len(self.recent) > 2 * self.keep:  # trim in batches: deleting the head is a copy
+            del self.recent[: len(self.recent) - self.keep]
         self.count += 1
 
     def predict(self, horizon: int) -> list[float]:
@@ -139,7 +187,10 @@ class ModelState:
         point = max(0.0, max(path))
         # The band of the peak itself (calibrated on the peaks of the backtest), not the peak of
         # per-bucket bands, which would be a higher quantile than asked for.
-        if model.peak_quantiles:
+        regression = self._regressed_peak(horizon_buckets)
+        if regression is not None:
+            upper = regression
+        elif model.peak_quantiles:
             upper = point + model.peak_quantiles[min(horizon_buckets, len(model.peak_quantiles)) - 1]
         else:
             index = min(horizon_buckets, len(model.error_quantiles)) - 1
@@ -150,9 +201,17 @@ class ModelState:
             upper=max(0.0, upper, point),
             lower=min(lowers),
             quantile=model.quantile,
-            model=model.name,
+            model=model.name_with_band,
             path=tuple(max(0.0, v) for v in path),
         )
+
+    def _regressed_peak(self, horizon_buckets: int) -> float | None:
+        coefficients = self.model.upper_regression
+        if not coefficients or len(self.recent) < self.model.memory_buckets - 1:
+            return None
+        horizon = min(horizon_buckets, len(coefficients))
+        row = peak_features(self.recent, len(self.recent) - 1, horizon, self.model.seasonal_lags)
+        return sum(c * x for c, x in zip(coefficients[horizon - 1], row))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +389,93 @@ def fit_forecaster(
             peak_quantiles=tuple(max(a, b) for a, b in zip(best.peak_quantiles, naive.peak_quantiles)),
             lower_quantiles=tuple(min(a, b) for a, b in zip(best.lower_quantiles, naive.lower_quantiles)),
         )
+    best = _with_upper_regression(best, values, horizon_buckets, quantile, seasonality != "none")
     return _replace(best, fit_seconds=time.perf_counter() - started)
+
+
+def _pinball(actual: np.ndarray, predicted: np.ndarray, quantile: float) -> float:
+    difference = actual - predicted
+    return float(np.mean(np.maximum(quantile * difference, (quantile - 1.0) * difference)))
+
+
+def _regression_rows(values: np.ndarray, first: int, last: int, horizon: int, lags: tuple[int, ...]):
+    """Features and peak targets for the origins first..last-1 (each needs `horizon` values after it)."""
+    rows, targets = [], []
+    series = values.tolist()
+    for t in range(first, min(last, len(values) - horizon)):
+        rows.append(peak_features(series, t, horizon, lags))
+        targets.append(max(series[t + 1:t + 1 + horizon]))
+    return np.asarray(rows), np.asarray(targets)
+
+
+def _fit_peak_regression(x: np.ndarray, y: np.ndarray, quantile: float) -> np.ndarray | None:
+    from statsmodels.regression.quantile_regression import QuantReg
+
+    if len(y) < 10 * x.shape[1]:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # iteration-limit and collinearity chatter
+        try:
+            params = QuantReg(y, x).fit(q=quantile, max_iter=2000).params
+        except (ValueError, np.linalg.LinAlgError):
+            return None
+    return np.asarray(params) if np.all(np.isfinite(params)) else None
+
+
+def _with_upper_regression(model: FittedModel, values: np.ndarray, horizon: int, quantile: float,
+                           seasonal: bool = True) -> FittedModel:
+    """Add the quantile-regression upper band when it beats the conformal one on held-out data.
+
+    Held-out: the last `test` origins. The regression is fitted on the origins before them; the
+    conformal band is calibrated on the same number of origins just before them (as the fit does).
+    Both are scored by pinball loss at `quantile` on the peak over the whole horizon.
+    """
+    bucket = model.bucket_seconds
+    daily = int(round(DAY_SECONDS / bucket))
+    # The day and week before, whenever the history is long enough (even when the autocorrelation
+    # found no season to fit: the regression weighs them by what they are worth for the peak).
+    lags = tuple(lag for lag in (daily, int(round(WEEK_SECONDS / bucket))) if seasonal and len(values) >= 3 * lag)
+    if len(values) < 2 * daily or daily < RECENT_BUCKETS:
+        return model
+    earliest = max(lags + (RECENT_BUCKETS,))
+    test = min(len(values) // 4, int(DAY_SECONDS / bucket))
+    split = len(values) - test
+    if split - test <= earliest or test * (1.0 - quantile) < MIN_HELD_OUT_EXCEEDANCES:
+        # Too few peaks above a high quantile in a day to tell two bands apart (at q = 0.99, about
+        # three): keep the conformal band rather than pick one on noise.
+        return model
+    # Conformal band: the point model's peak errors just before the split, applied after it.
+    _, peak_errors, _ = _backtest(model, values, horizon, split - test)
+    calibration = np.asarray(peak_errors[horizon - 1][:test])
+    if len(calibration) < MIN_BACKTEST_ERRORS:
+        return model
+    state = ModelState(model)
+    conformal_upper, actual = [], []
+    offset = float(np.quantile(calibration, quantile))
+    series = values.tolist()
+    for t, value in enumerate(series[:-horizon]):
+        state.update(value)
+        if t >= split:
+            conformal_upper.append(max(state.predict(horizon)) + offset)
+            actual.append(max(series[t + 1:t + 1 + horizon]))
+    x_train, y_train = _regression_rows(values, max(earliest, split - MAX_REGRESSION_ROWS), split, horizon, lags)
+    coefficients = _fit_peak_regression(x_train, y_train, quantile) if len(y_train) else None
+    if coefficients is None or not actual:
+        return model
+    x_test, _ = _regression_rows(values, split, len(values), horizon, lags)
+    regression_upper = x_test @ coefficients
+    actual_array = np.asarray(actual)
+    if _pinball(actual_array, regression_upper, quantile) >= _pinball(actual_array, np.asarray(conformal_upper), quantile):
+        return model
+    # It wins: refit on everything recent, one regression per horizon.
+    per_horizon = []
+    for h in range(1, horizon + 1):
+        x, y = _regression_rows(values, max(earliest, len(values) - MAX_REGRESSION_ROWS), len(values), h, lags)
+        fitted = _fit_peak_regression(x, y, quantile)
+        if fitted is None:
+            return model
+        per_horizon.append(tuple(float(c) for c in fitted))
+    return _replace(model, upper_regression=tuple(per_horizon), seasonal_lags=lags)
 
 
 def fit_arima(values, bucket_seconds: float, quantile: float = 0.9, horizon_buckets: int = 2, order: int = 2) -> FittedModel:
