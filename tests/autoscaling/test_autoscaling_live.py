@@ -106,6 +106,23 @@ async def generate_load(fleet: Fleet, rate_at, stop: asyncio.Event, counts: dict
             await asyncio.wait(pending, timeout=10)
 
 
+async def play_timer(seconds: float, fleet: Fleet, autoscaler: Autoscaler, source, job: str, spec: dict,
+                     *, apply: bool) -> tuple[list, dict, list]:
+    """The operator's timer for `seconds`: a tick every 2 s, resizing the fleet to each decision when
+    `apply`. Returns (seconds since start, decision) per tick, the last status, the replicas after each."""
+    ticks, replicas, status = [], [], {}
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        await asyncio.sleep(2.0)
+        decision, status = await autoscaler.tick(
+            f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
+        ticks.append((time.monotonic() - started, decision))
+        if apply and decision.desired_replicas != len(fleet.servers):
+            await fleet.resize(decision.desired_replicas)
+        replicas.append(len(fleet.servers))
+    return ticks, status, replicas
+
+
 def test_histogram_quantile_matches_prometheus_semantics():
     buckets = [(0.1, 10.0), (0.5, 60.0), (1.0, 95.0), (math.inf, 100.0)]
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * 40 / 50)
@@ -262,20 +279,12 @@ async def test_replicas_follow_a_ramp_end_to_end(prometheus, mode):
     duration = 28.0 if mode == "Auto" else 22.0
     stop = asyncio.Event()
     counts: dict = {}
-    decisions = []
-    replicas_seen = []
     try:
         await fleet.resize(1)
         load = asyncio.create_task(generate_load(fleet, ramp, stop, counts))
-        started = time.monotonic()
-        while time.monotonic() - started < duration:
-            await asyncio.sleep(2.0)
-            decision, status = await autoscaler.tick(
-                f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
-            decisions.append((round(time.monotonic() - started), decision.desired_replicas, decision.action))
-            if mode == "Auto" and decision.desired_replicas != len(fleet.servers):
-                await fleet.resize(decision.desired_replicas)
-            replicas_seen.append(len(fleet.servers))
+        ticks, status, replicas_seen = await play_timer(duration, fleet, autoscaler, source, job, spec,
+                                                        apply=mode == "Auto")
+        decisions = [(round(t), d.desired_replicas, d.action) for t, d in ticks]
         stop.set()
         await load
     finally:
@@ -356,19 +365,12 @@ async def test_longer_prompts_at_a_steady_rate_scale_up_end_to_end(prometheus):
     switch = 36.0
     stop = asyncio.Event()
     counts: dict = {}
-    decisions = []
     try:
         await fleet.resize(2)
         load = asyncio.create_task(generate_load(fleet, lambda t: 14.0, stop, counts,
                                                  lambda t: PROMPT if t < switch else PROMPT * 2))
-        started = time.monotonic()
-        while time.monotonic() - started < switch + 24.0:
-            await asyncio.sleep(2.0)
-            decision, status = await autoscaler.tick(
-                f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
-            decisions.append((time.monotonic() - started, decision.desired_replicas, decision.reason))
-            if decision.desired_replicas != len(fleet.servers):
-                await fleet.resize(decision.desired_replicas)
+        ticks, status, _ = await play_timer(switch + 24.0, fleet, autoscaler, source, job, spec, apply=True)
+        decisions = [(t, d.desired_replicas, d.reason) for t, d in ticks]
         stop.set()
         await load
     finally:
