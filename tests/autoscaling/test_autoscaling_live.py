@@ -106,21 +106,37 @@ async def generate_load(fleet: Fleet, rate_at, stop: asyncio.Event, counts: dict
             await asyncio.wait(pending, timeout=10)
 
 
-async def play_timer(seconds: float, fleet: Fleet, autoscaler: Autoscaler, source, job: str, spec: dict,
-                     *, apply: bool) -> tuple[list, dict, list]:
-    """The operator's timer for `seconds`: a tick every 2 s, resizing the fleet to each decision when
-    `apply`. Returns (seconds since start, decision) per tick, the last status, the replicas after each."""
-    ticks, replicas, status = [], [], {}
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        await asyncio.sleep(2.0)
-        decision, status = await autoscaler.tick(
-            f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
-        ticks.append((time.monotonic() - started, decision))
-        if apply and decision.desired_replicas != len(fleet.servers):
-            await fleet.resize(decision.desired_replicas)
-        replicas.append(len(fleet.servers))
-    return ticks, status, replicas
+async def autoscale_under_load(fleet: Fleet, spec: dict, seconds: float, rate_at, *, replicas: int,
+                               apply: bool, prompt_at=None) -> tuple[list, dict, list, dict]:
+    """Start `replicas`, offer load, and play the operator's timer for `seconds`: a tick every 2 s
+    (Prometheus source, 4 s rate window), resizing the fleet to each decision when `apply`.
+    Returns (seconds since start, decision) per tick, the last status, the replicas after each tick
+    and the responses by status code. The fleet is closed at the end."""
+    job = fleet.job
+    source = PrometheusMetricsSource(fleet.prometheus.url, rate_window_seconds=4, include_gpu=False)
+    autoscaler = Autoscaler(bucket_seconds=5.0, history_seconds=600.0)
+    stop = asyncio.Event()
+    counts: dict = {}
+    ticks, replicas_seen, status = [], [], {}
+    try:
+        await fleet.resize(replicas)
+        load = asyncio.create_task(generate_load(fleet, rate_at, stop, counts, prompt_at))
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            await asyncio.sleep(2.0)
+            decision, status = await autoscaler.tick(
+                f"team/{job}", spec, len(fleet.servers), fleet.ready(), time.time(), source, selector=f'job="{job}"')
+            ticks.append((time.monotonic() - started, decision))
+            if apply and decision.desired_replicas != len(fleet.servers):
+                await fleet.resize(decision.desired_replicas)
+            replicas_seen.append(len(fleet.servers))
+        stop.set()
+        await load
+    finally:
+        stop.set()
+        autoscaler.close()
+        await fleet.close()
+    return ticks, status, replicas_seen, counts
 
 
 def test_histogram_quantile_matches_prometheus_semantics():
@@ -268,29 +284,15 @@ async def test_replicas_follow_a_ramp_end_to_end(prometheus, mode):
 
     In DryRun the decisions say so, and nothing changes.
     """
-    job = f"dw-ramp-{mode.lower()}"
-    fleet = Fleet(prometheus, job=job, cold_start=1.0)
-    source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=4, include_gpu=False)
-    autoscaler = Autoscaler(bucket_seconds=5.0, history_seconds=600.0)
+    fleet = Fleet(prometheus, job=f"dw-ramp-{mode.lower()}", cold_start=1.0)
     spec = {"mode": mode, "minReplicas": 1, "maxReplicas": 8, "targetRequestsPerReplica": 3.0,
             "intervalSeconds": 2, "coldStartSeconds": 2, "slo": {"ttftP95Seconds": 2.0},
             "scaleDown": {"stabilizationSeconds": 6, "maxStepReplicas": 2}}
     ramp = lambda t: 2.0 + 12.0 * min(1.0, t / 16.0)
     duration = 28.0 if mode == "Auto" else 22.0
-    stop = asyncio.Event()
-    counts: dict = {}
-    try:
-        await fleet.resize(1)
-        load = asyncio.create_task(generate_load(fleet, ramp, stop, counts))
-        ticks, status, replicas_seen = await play_timer(duration, fleet, autoscaler, source, job, spec,
-                                                        apply=mode == "Auto")
-        decisions = [(round(t), d.desired_replicas, d.action) for t, d in ticks]
-        stop.set()
-        await load
-    finally:
-        stop.set()
-        autoscaler.close()
-        await fleet.close()
+    ticks, status, replicas_seen, counts = await autoscale_under_load(fleet, spec, duration, ramp, replicas=1,
+                                                                      apply=mode == "Auto")
+    decisions = [(round(t), d.desired_replicas, d.action) for t, d in ticks]
     wanted = max(d for _, d, _ in decisions)
     assert wanted >= 4, decisions
     assert any(action == SCALE_UP for _, _, action in decisions)
@@ -355,28 +357,15 @@ async def test_longer_prompts_at_a_steady_rate_scale_up_end_to_end(prometheus):
     """14 req/s throughout; after 36 s every prompt is twice as long. The token rates Prometheus reports
     make the prompt-token capacity bind: the autoscaler asks for more replicas although the request
     rate did not move and TTFT is still within the SLO."""
-    job = "dw-prompts"
-    fleet = Fleet(prometheus, job=job, cold_start=0.5)
-    source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=4, include_gpu=False)
-    autoscaler = Autoscaler(bucket_seconds=5.0, history_seconds=600.0)
+    fleet = Fleet(prometheus, job="dw-prompts", cold_start=0.5)
     spec = {"mode": "Auto", "minReplicas": 1, "maxReplicas": 8, "targetRequestsPerReplica": 8.0,
             "intervalSeconds": 2, "coldStartSeconds": 1, "slo": {"ttftP95Seconds": 2.0},
             "scaleDown": {"stabilizationSeconds": 6, "maxStepReplicas": 2}}
     switch = 36.0
-    stop = asyncio.Event()
-    counts: dict = {}
-    try:
-        await fleet.resize(2)
-        load = asyncio.create_task(generate_load(fleet, lambda t: 14.0, stop, counts,
-                                                 lambda t: PROMPT if t < switch else PROMPT * 2))
-        ticks, status, _ = await play_timer(switch + 24.0, fleet, autoscaler, source, job, spec, apply=True)
-        decisions = [(t, d.desired_replicas, d.reason) for t, d in ticks]
-        stop.set()
-        await load
-    finally:
-        stop.set()
-        autoscaler.close()
-        await fleet.close()
+    ticks, status, _, counts = await autoscale_under_load(
+        fleet, spec, switch + 24.0, lambda t: 14.0, replicas=2, apply=True,
+        prompt_at=lambda t: PROMPT if t < switch else PROMPT * 2)
+    decisions = [(t, d.desired_replicas, d.reason) for t, d in ticks]
     before = [d for t, d, _ in decisions if 20.0 < t < switch]
     after = [(d, reason) for t, d, reason in decisions if t > switch + 16.0]
     assert before and max(before) == 2, decisions  # the short prompts: 14 req/s at 8 per replica
