@@ -199,9 +199,13 @@ def test_analysis_against_real_prometheus(fleet):
     prometheus.wait_for('{__name__="sglang_num_requests_total"}', timeout=30)
     errors_count = revision_queries(matchers("errors"), WINDOW_SECONDS)[REQUEST_COUNT].promql
     prometheus.wait_for(errors_count, timeout=30, predicate=lambda r: float(r[0]["value"][1]) >= 60)
-    # Counts start from a series' first sample; rates and quantiles need two samples in the window.
-    stable_ttft = revision_queries(matchers("stable"), WINDOW_SECONDS)[TTFT_P95].promql
-    prometheus.wait_for(stable_ttft, timeout=30, predicate=lambda r: r and r[0]["value"][1] != "NaN")
+    # Counts start from a series' first sample; rates and quantiles need two samples in the window,
+    # of each scrape target (the two are scraped independently: one can lag the other).
+    for revision in ("stable", "healthy", "slow"):
+        queries = revision_queries(matchers(revision), WINDOW_SECONDS)
+        for name in (REQUEST_RATE, TTFT_P95):
+            prometheus.wait_for(queries[name].promql, timeout=30,
+                                predicate=lambda r: r and r[0]["value"][1] != "NaN")
 
     spec = AnalysisSpec.from_dict({
         "windowSeconds": WINDOW_SECONDS, "intervalSeconds": 5, "minRequests": 20,
