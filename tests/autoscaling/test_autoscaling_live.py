@@ -358,7 +358,9 @@ async def test_longer_prompts_at_a_steady_rate_scale_up_end_to_end(prometheus):
     make the prompt-token capacity bind: the autoscaler asks for more replicas although the request
     rate did not move and TTFT is still within the SLO."""
     fleet = Fleet(prometheus, job="dw-prompts", cold_start=0.5)
-    spec = {"mode": "Auto", "minReplicas": 1, "maxReplicas": 8, "targetRequestsPerReplica": 8.0,
+    # 14 req/s at 10 per replica: 2 replicas with room for a noisy 4 s rate window and the forecast
+    # band (at 8 per replica a reading of 16.1 asked for a third once); 3 or more once prompts double.
+    spec = {"mode": "Auto", "minReplicas": 1, "maxReplicas": 8, "targetRequestsPerReplica": 10.0,
             "intervalSeconds": 2, "coldStartSeconds": 1, "slo": {"ttftP95Seconds": 2.0},
             "scaleDown": {"stabilizationSeconds": 6, "maxStepReplicas": 2}}
     switch = 36.0
@@ -368,7 +370,7 @@ async def test_longer_prompts_at_a_steady_rate_scale_up_end_to_end(prometheus):
     decisions = [(t, d.desired_replicas, d.reason) for t, d in ticks]
     before = [d for t, d, _ in decisions if 20.0 < t < switch]
     after = [(d, reason) for t, d, reason in decisions if t > switch + 16.0]
-    assert before and max(before) == 2, decisions  # the short prompts: 14 req/s at 8 per replica
+    assert before and max(before) == 2, decisions  # the short prompts
     assert after and min(d for d, _ in after) >= 3, decisions
     assert any("capacity bound by prompt tokens" in reason for _, reason in after), decisions
     assert "ttft" not in " ".join(reason.lower() for _, reason in after)  # not the safety net: TTFT was fine
