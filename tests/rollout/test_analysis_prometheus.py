@@ -218,7 +218,9 @@ def test_analysis_against_real_prometheus(fleet):
     healthy = provider.measure_all(revision_queries(matchers("healthy"), WINDOW_SECONDS))
     assert all(m.error is None for m in [*stable.values(), *healthy.values()])
     assert stable[REQUEST_COUNT].value > 50 and healthy[REQUEST_COUNT].value > 50
-    assert stable[REQUEST_RATE].value == pytest.approx(healthy[REQUEST_RATE].value, rel=0.3)
+    # Same offered rate through both name forms; the two targets are scraped out of phase, so over a
+    # short window their rates differ by up to a scrape's worth (38% seen on a busy machine).
+    assert stable[REQUEST_RATE].value == pytest.approx(healthy[REQUEST_RATE].value, rel=0.5)
     # No aborted series exists for "stable" at all: still an error rate of 0, not "no data".
     assert stable[ERROR_RATE].value == 0.0
     # 0.3 s lies in SGLang's (0.2, 0.4] bucket; p95 interpolates inside it.
