@@ -444,28 +444,20 @@ def _with_upper_regression(model: FittedModel, values: np.ndarray, horizon: int,
         # Too few peaks above a high quantile in a day to tell two bands apart (at q = 0.99, about
         # three): keep the conformal band rather than pick one on noise.
         return model
-    # Conformal band: the point model's peak errors just before the split, applied after it.
+    # Conformal band: the `quantile` of the point model's peak errors at the `test` origins just
+    # before the split, added to its peaks after it. Its loss there depends only on the errors.
     _, peak_errors, _ = _backtest(model, values, horizon, split - test)
-    calibration = np.asarray(peak_errors[horizon - 1][:test])
-    if len(calibration) < MIN_BACKTEST_ERRORS:
+    errors = np.asarray(peak_errors[horizon - 1])  # origins split - test - 1 ...
+    calibration, held_out = errors[:test], errors[test + 1:]  # ... before, and from `split` on
+    if len(calibration) < MIN_BACKTEST_ERRORS or not len(held_out):
         return model
-    state = ModelState(model)
-    conformal_upper, actual = [], []
     offset = float(np.quantile(calibration, quantile))
-    series = values.tolist()
-    for t, value in enumerate(series[:-horizon]):
-        state.update(value)
-        if t >= split:
-            conformal_upper.append(max(state.predict(horizon)) + offset)
-            actual.append(max(series[t + 1:t + 1 + horizon]))
     x_train, y_train = _regression_rows(values, max(earliest, split - MAX_REGRESSION_ROWS), split, horizon, lags)
     coefficients = _fit_peak_regression(x_train, y_train, quantile) if len(y_train) else None
-    if coefficients is None or not actual:
+    if coefficients is None:
         return model
-    x_test, _ = _regression_rows(values, split, len(values), horizon, lags)
-    regression_upper = x_test @ coefficients
-    actual_array = np.asarray(actual)
-    if _pinball(actual_array, regression_upper, quantile) >= _pinball(actual_array, np.asarray(conformal_upper), quantile):
+    x_test, y_test = _regression_rows(values, split, len(values), horizon, lags)
+    if _pinball(y_test, x_test @ coefficients, quantile) >= _pinball(held_out, np.full(len(held_out), offset), quantile):
         return model
     # It wins: refit on everything recent, one regression per horizon.
     per_horizon = []
