@@ -427,26 +427,26 @@ class _Fleet:
         return len(self.ready_at)
 
 
+def _peak_ahead(series: np.ndarray, steps: int) -> np.ndarray:
+    """At each step, the highest value from it through `steps` steps later (the last value beyond the end)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    padded = np.concatenate([series, np.full(steps, series[-1] if len(series) else 0.0)])
+    return sliding_window_view(padded, steps + 1)[: len(series)].max(axis=1)
+
+
 def _oracle_needs(workload: Workload, fleet_model: FleetModel, lead: float) -> np.ndarray:
     """Replicas the oracle holds at each step: the most any moment within the lead time will need."""
     need = np.ceil(workload.rates / fleet_model.slo_capacity - 1e-9)
-    window = max(1, int(math.ceil(lead / workload.step_seconds)))
-    padded = np.concatenate([need, np.full(window, need[-1] if len(need) else 0.0)])
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    return sliding_window_view(padded, window + 1)[: len(need)].max(axis=1)
+    return _peak_ahead(need, max(1, int(math.ceil(lead / workload.step_seconds))))
 
 
 def _bucket_peaks(workload: Workload, lead: float) -> np.ndarray:
     """At each step, the highest bucket-mean demand (req/s) within the lead time: what a perfect
     forecast at the forecaster's resolution would say (the bursts within a bucket stay unknown)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
     width = max(1, int(round(workload.bucket_seconds / workload.step_seconds)))
     means = np.convolve(workload.rates, np.ones(width) / width, mode="same")
-    window = max(1, int(math.ceil(lead / workload.step_seconds)))
-    padded = np.concatenate([means, np.full(window, means[-1] if len(means) else 0.0)])
-    return sliding_window_view(padded, window + 1)[: len(means)].max(axis=1)
+    return _peak_ahead(means, max(1, int(math.ceil(lead / workload.step_seconds))))
 
 
 def simulate(workload: Workload, runner: PolicyRunner, config: SimulationConfig, *, keep_timeline: bool = False) -> SimulationResult:
