@@ -180,7 +180,8 @@ class ForecastPolicy:
         return ForecastPolicyState()
 
     # -- capacity -------------------------------------------------------------------------------
-    def _learn_capacity(self, context: PolicyContext, state: ForecastPolicyState) -> ForecastPolicyState:
+    def _learn_capacity(self, context: PolicyContext, state: ForecastPolicyState,
+                        mix: RequestMix | None) -> ForecastPolicyState:
         spec, history = context.spec, context.history
         rate = history.latest(REQUEST_RATE)
         ttft = history.latest(TTFT_P95)
@@ -192,7 +193,6 @@ class ForecastPolicy:
             anchor = request_mix(history, None, ANCHOR_MIN_REQUESTS)
             if anchor is not None:
                 state = self._anchor_token_capacities(spec, state, anchor)
-        mix = current_mix(history)
         # Only a steady set of ready replicas gives clean evidence: when it changed, the samples
         # of the last interval were served by a different number of replicas than `ready`.
         if rate is None or ttft is None or ready <= 0 or rate <= 0 or not steady:
@@ -278,8 +278,8 @@ class ForecastPolicy:
                 f"holding at {current}: newest metrics are {staleness:.0f}s old",
             )
 
-        state = self._learn_capacity(context, state)
         mix = current_mix(history)
+        state = self._learn_capacity(context, state, mix)
         capacity, binding = capacity_at_mix(spec, state, mix)
         if rate > 0 or (history.latest(QUEUE_LENGTH) or 0) > 0:
             state = replace(state, last_demand_time=context.now)
