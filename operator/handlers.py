@@ -3,23 +3,31 @@
 Every path into a reconcile (the worker's own watch events, the resync loop, and events on the
 children) ends in the same level-triggered pass, serialized per DigitalWorker.
 
-Only watch-event handlers and indices, no kopf create/update/resume handlers: those keep a
-diff-base and progress in annotations, which is one more write (and its echo event) per change.
+Only watch-event handlers, indices and one timer, no kopf create/update/resume handlers: those keep
+a diff-base and progress in annotations, which is one more write (and its echo event) per change.
 The reconcile is level-triggered and retries on its own, so kopf's bookkeeping bought nothing.
+The timer ticks autoscaling, per DigitalWorker with autoscaling on.
 Indexers are `async def`: kopf runs plain functions in its thread pool, a thread hop per event.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import kopf
 
 from digital_worker.operator import schema as api
-from digital_worker.operator.periodic import run_periodic
+from digital_worker.operator.periodic import run_periodic, worker_autoscaling
 from digital_worker.operator.controller import Reconciler, copy_json, raw_body, settings_from_env
 
 DW = (api.GROUP, api.VERSION, api.PLURAL)
 CHILD_LABELS = {api.LABEL_NAME: api.APP_NAME}
+# The autoscaling timer's grid: the CRD's smallest `spec.autoscaling.intervalSeconds`. Each worker
+# ticks on the first firing its own interval allows (kopf fixes a timer's interval when decorated).
+AUTOSCALING_TIMER_SECONDS = 5.0
+AUTOSCALING_TIMER_ID = "autoscaling"
+# kopf's timers hold a finalizer while they run: ours, named for what it guards.
+FINALIZER = f"{api.GROUP}/autoscaling-timer"
 
 @kopf.on.login()
 def login(memo: kopf.Memo, **kwargs):
@@ -60,6 +68,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     # Progress (retries) would live in annotations, so status stays ours and readable; no handler uses it.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = 20  # INFO and up become Kubernetes Events
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -71,14 +80,44 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     # One resync loop for all workers, instead of a kopf timer each: timers put a finalizer on every
     # object (two more API calls per worker and a blocked delete when the operator is down).
     memo.resync = asyncio.create_task(memo.reconciler.resync_forever(memo.settings.resync_seconds))
-    # Autoscaling ticks and GPU health checks for all workers (operator/periodic.py).
+    # GPU health checks and clock-driven rollout passes for all workers (operator/periodic.py).
     memo.periodic = asyncio.create_task(run_periodic(memo.reconciler, memo.settings.prometheus_url))
+    # The autoscalers' state (fits, learned capacities, schedules), ticked by the timer below.
+    memo.autoscaling = worker_autoscaling(memo.reconciler, memo.settings.prometheus_url)
 
 
 @kopf.on.cleanup()
 async def stop_loops(memo: kopf.Memo, **_) -> None:
     memo.resync.cancel()
     memo.periodic.cancel()
+    memo.autoscaling.autoscaler.close()
+
+
+class _QuietTimerSuccess(logging.Filter):
+    """kopf logs every successful timer call at INFO, and posts INFO as a Kubernetes Event: one
+    Event per worker every few seconds. The autoscaler posts its own Events for what it does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg == f"Timer {AUTOSCALING_TIMER_ID!r} succeeded.")
+
+
+if not any(isinstance(f, _QuietTimerSuccess) for f in logging.getLogger("kopf.objects").filters):
+    logging.getLogger("kopf.objects").addFilter(_QuietTimerSuccess())
+
+
+def _autoscaling_on(spec: kopf.Spec, **_) -> bool:
+    # Workers with autoscaling Off get no timer, and so carry no finalizer.
+    return (spec.get("autoscaling") or {}).get("mode", "Off") != "Off"
+
+
+@kopf.timer(*DW, id=AUTOSCALING_TIMER_ID, interval=AUTOSCALING_TIMER_SECONDS, sharp=True, when=_autoscaling_on)
+async def autoscale(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_) -> None:
+    """This worker's autoscaling tick, when its `spec.autoscaling.intervalSeconds` is due."""
+    try:
+        await memo.autoscaling.tick_if_due(raw_body(body))
+    except Exception as exc:  # the API or the metrics source away: try again in one interval
+        raise kopf.TemporaryError(f"autoscaling tick failed: {exc}",
+                                  delay=float((spec.get("autoscaling") or {}).get("intervalSeconds", 20))) from exc
 
 
 @kopf.index(*DW)
@@ -135,6 +174,7 @@ async def reconcile_worker(event: kopf.RawEvent, namespace: str, name: str, memo
     _remember_indices(memo, {**kwargs, "digitalworkers": digitalworkers})
     if event.get("type") == "DELETED":
         memo.reconciler.worker_event("DELETED", copy_json(event["object"]))
+        memo.autoscaling.forget(f"{namespace}/{name}")
         return
     for body in digitalworkers.get((namespace, name), []):  # this event's body, as just indexed
         memo.reconciler.worker_event(event.get("type"), body)

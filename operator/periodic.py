@@ -1,5 +1,6 @@
-"""The operator's periodic work across all DigitalWorkers: autoscaling ticks and GPU health checks
-(and, without Prometheus, scraping the revisions of rollouts in progress for their analysis).
+"""The operator's periodic work: each worker's autoscaling tick (called by its kopf timer), and across
+all DigitalWorkers GPU health checks, clock-driven rollout and fallback passes and (without Prometheus)
+scraping the revisions of rollouts in progress for their analysis.
 
 Glue only: the decisions are made by `autoscaling.controller.Autoscaler` (forecast policy) and
 `gpu_health.decide` (pure); this module reads the inputs, applies the outcomes through the API
@@ -30,8 +31,12 @@ def prometheus_selector(namespace: str, name: str) -> str:
     return f'namespace="{namespace}",digitalworker_io_instance="{name}"'
 
 
-class AutoscalingLoop:
-    """Ticks each worker whose `spec.autoscaling.mode` is not Off, every `intervalSeconds`."""
+class WorkerAutoscaling:
+    """The operator's autoscaling for every worker: each worker's kopf timer (handlers.py) calls
+    `tick_if_due`, which ticks it when its own `spec.autoscaling.intervalSeconds` has passed."""
+
+    # kopf timers run on a grid and drift by the handler's own duration: a tick this early still counts.
+    DUE_TOLERANCE_SECONDS = 1.0
 
     def __init__(self, client: KubeClient, run_sync: Callable, post_event: Callable,
                  prometheus_url: str | None) -> None:
@@ -51,22 +56,32 @@ class AutoscalingLoop:
         self._next_tick: dict[str, float] = {}
         self._last: dict[str, tuple[str, str | None]] = {}
 
-    async def tick_all(self, bodies: list[dict[str, Any]], now: float | None = None) -> None:
+    def due(self, key: str, interval_seconds: float, now: float) -> bool:
+        """Whether `key` should tick now; if so, books its next tick."""
+        if now < self._next_tick.get(key, 0.0) - self.DUE_TOLERANCE_SECONDS:
+            return False
+        self._next_tick[key] = now + interval_seconds
+        return True
+
+    async def tick_if_due(self, body: dict[str, Any], now: float | None = None) -> bool:
+        """One worker's timer fired: tick it if its interval is due (Off and deleting workers never)."""
         now = time.time() if now is None else now
-        for body in bodies:
-            autoscaling = (body.get("spec") or {}).get("autoscaling") or {}
-            meta = body["metadata"]
-            key = f"{meta['namespace']}/{meta['name']}"
-            if autoscaling.get("mode", "Off") == "Off" or meta.get("deletionTimestamp"):
-                self._next_tick.pop(key, None)
-                continue
-            if now < self._next_tick.get(key, 0):
-                continue
-            self._next_tick[key] = now + float(autoscaling.get("intervalSeconds", 20))
-            try:
-                await self.tick(body, now)
-            except Exception:  # one worker's failure never stops the others' scaling
-                logger.exception("autoscaling tick failed for %s", key)
+        autoscaling = (body.get("spec") or {}).get("autoscaling") or {}
+        meta = body["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        if autoscaling.get("mode", "Off") == "Off" or meta.get("deletionTimestamp"):
+            self._next_tick.pop(key, None)
+            return False
+        if not self.due(key, float(autoscaling.get("intervalSeconds", 20)), now):
+            return False
+        await self.tick(body, now)
+        return True
+
+    def forget(self, key: str) -> None:
+        """A deleted worker: drop its schedule, its last decision and the autoscaler's state."""
+        self._next_tick.pop(key, None)
+        self._last.pop(key, None)
+        self.autoscaler.forget(key)
 
     async def tick(self, body: dict[str, Any], now: float) -> None:
         meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
@@ -166,19 +181,28 @@ class GpuHealthLoop:
                     }}}, "status")
 
 
+def thread_pool_runner(reconciler: Any) -> Callable:
+    """`await run_sync(fn, *args)`: a blocking call in the reconciler's thread pool, off the event loop."""
+    async def run_sync(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(reconciler.executor, fn, *args)
+    return run_sync
+
+
+def worker_autoscaling(reconciler: Any, prometheus_url: str | None) -> WorkerAutoscaling:
+    """Without a Prometheus URL the autoscaler scrapes each worker's replicas itself."""
+    return WorkerAutoscaling(reconciler.client, thread_pool_runner(reconciler), reconciler.post_event,
+                             prometheus_url)
+
+
 async def run_periodic(reconciler: Any, prometheus_url: str | None, *, tick_seconds: float = 1.0,
                        gpu_interval: float = 15.0) -> None:
-    """Both loops, until cancelled; workers come from the kopf index the handlers hand over.
+    """The loops across all workers, until cancelled; workers come from the kopf index the handlers
+    hand over.
 
-    Without a Prometheus URL the operator measures for itself: the autoscaler scrapes the replicas,
-    rollout analysis reads `RolloutScraper`'s scrapes of rollouts in progress (set as the
-    reconciler's `analysis_provider`), and GPU health reads the node agents' pages directly."""
-    loop = asyncio.get_running_loop()
-
-    async def run_sync(fn, *args):
-        return await loop.run_in_executor(reconciler.executor, fn, *args)
-
-    autoscaling = AutoscalingLoop(reconciler.client, run_sync, reconciler.post_event, prometheus_url)
+    Without a Prometheus URL the operator measures for itself: rollout analysis reads
+    `RolloutScraper`'s scrapes of rollouts in progress (set as the reconciler's
+    `analysis_provider`), and GPU health reads the node agents' pages directly."""
+    run_sync = thread_pool_runner(reconciler)
     gpu = GpuHealthLoop(reconciler.client, prometheus_url)
     analysis_scraper = None
     if prometheus_url is None:
@@ -193,9 +217,8 @@ async def run_periodic(reconciler: Any, prometheus_url: str | None, *, tick_seco
     next_gpu_check = 0.0
     fallback_evaluated: dict[tuple[str, str], float] = {}  # fallback breakers tick on the clock (fallback.py)
     while True:
-        await asyncio.sleep(tick_seconds)  # each worker is only ticked when its own interval is due
+        await asyncio.sleep(tick_seconds)
         bodies = [body for store in list((reconciler.workers or {}).values()) for body in store]
-        await autoscaling.tick_all(bodies)
         if analysis_scraper is not None:
             await analysis_scraper.tick_all(bodies, list_worker_pods, run_sync)
         for body in bodies:  # canary pauses and analyses run on the clock, not only on events

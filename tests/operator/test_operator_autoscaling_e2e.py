@@ -61,3 +61,30 @@ def test_dry_run_decides_but_changes_nothing(scaling_cluster):
     assert kube.list("apps/v1", "deployments", "ai", f"{api.LABEL_INSTANCE}=dry-bot")[0]["spec"]["replicas"] == 1
     reasons = [e["reason"] for e in kube.list("v1", "events", "ai") if e["involvedObject"]["name"] == "dry-bot"]
     assert "WouldScale" in reasons and "Scaled" not in reasons
+
+
+def test_the_autoscaling_timer_holds_a_finalizer_only_while_autoscaling_is_on(scaling_cluster):
+    """kopf's timer per worker: its finalizer comes with autoscaling, goes when it is turned Off, and
+    deleting the worker stops the timer and lets the object go."""
+    from digital_worker.operator.handlers import FINALIZER
+
+    kube = KubeClient.from_kubeconfig(str(scaling_cluster.kubeconfig_path))
+    get = lambda: kube.get(api.API_VERSION, api.PLURAL, "ai", "timer-bot")
+    finalizers = lambda: (get() or {}).get("metadata", {}).get("finalizers") or []
+    body = worker("timer-bot", "Off")
+    kube.create(body)
+    wait_until(lambda: (get().get("status") or {}).get("phase") == "Ready", timeout=30, message="Ready")
+    assert FINALIZER not in finalizers() and "autoscaling" not in (get().get("status") or {})
+
+    kube.patch(api.API_VERSION, api.PLURAL, "ai", "timer-bot", {"spec": {"autoscaling": {"mode": "DryRun"}}})
+    status = wait_until(lambda: (s := (get().get("status") or {}).get("autoscaling")) and s, timeout=30,
+                        message="a first DryRun tick")
+    assert FINALIZER in finalizers() and status["mode"] == "DryRun"
+
+    kube.patch(api.API_VERSION, api.PLURAL, "ai", "timer-bot", {"spec": {"autoscaling": {"mode": "Off"}}})
+    wait_until(lambda: FINALIZER not in finalizers(), timeout=30, message=finalizers)
+
+    kube.patch(api.API_VERSION, api.PLURAL, "ai", "timer-bot", {"spec": {"autoscaling": {"mode": "DryRun"}}})
+    wait_until(lambda: FINALIZER in finalizers(), timeout=30, message=finalizers)
+    kube.delete(api.API_VERSION, api.PLURAL, "ai", "timer-bot")
+    wait_until(lambda: get() is None, timeout=30, message=lambda: get().get("metadata"))
