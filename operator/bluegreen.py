@@ -224,6 +224,7 @@ def _bring_up(ctx, state, stable_revision: str, total: int, size: int) -> bool:
         size = current.canary
     elif size > current.canary and (view := rollout.gpu_view(ctx, stable_d)) is not None:
         available, new_gpus, stable_gpus = view
+        current, _ = rollout.revision_counts(ctx, stable_revision, total)  # as the API has them now
         # Blue-green keeps the stable whole (its floor is its size), so the new pods must fit on free GPUs.
         decision = plan_capacity(available, current.stable, current.canary, current.stable, size, new_gpus,
                                  stable_gpus, stable_floor=current.stable)

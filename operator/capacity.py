@@ -137,6 +137,25 @@ class GpuCapacity:
             return True
         return self.replicas_that_fit(gpus_per_replica) >= extra_replicas
 
+    def reserve(self, replicas: int, gpus_per_replica: int) -> "GpuCapacity":
+        """This capacity with `replicas` more pods of `gpus_per_replica` GPUs placed as the scheduler
+        would (the usable node with the most free GPUs that fits, one pod at a time). A pod that fits
+        nowhere stays Pending and takes the first GPUs that free up, so it is charged to the node
+        with the most free GPUs all the same: what it is promised is never counted as free."""
+        if replicas <= 0 or gpus_per_replica <= 0:
+            return self
+        requested = {node.name: node.requested for node in self.nodes}
+        usable = [node for node in self.nodes if not node.excluded]
+        for _ in range(replicas):
+            if not usable:
+                break
+            free = {node.name: max(0, node.allocatable - requested[node.name]) for node in usable}
+            fitting = [node for node in usable if free[node.name] >= gpus_per_replica] or usable
+            target = max(fitting, key=lambda node: free[node.name])
+            requested[target.name] += gpus_per_replica
+        return GpuCapacity(self.gpu_type, tuple(GpuNode(node.name, node.allocatable, requested[node.name],
+                                                        node.excluded) for node in self.nodes))
+
     def describe(self) -> str:
         selector = f"gpu type {self.gpu_type!r}" if self.gpu_type else "any GPU type"
         return (
@@ -203,8 +222,10 @@ def gpu_capacity(
     gpu_type: str | None = None,
     tolerations: Iterable[Mapping[str, Any] | Toleration] = (),
     node_selector: Mapping[str, str] | None = None,
+    deployments: Iterable[Mapping[str, Any]] = (),
 ) -> GpuCapacity:
-    """Allocatable GPUs on matching nodes minus what non-terminated pods on them request."""
+    """Allocatable GPUs on matching nodes minus what non-terminated pods on them request, and minus
+    what `deployments` ask for beyond their pods bound to a node (see `unbound_replicas`)."""
     parsed_tolerations = tuple(t if isinstance(t, Toleration) else Toleration.from_dict(t) for t in tolerations)
     matching: dict[str, tuple[int, str]] = {}
     for node in nodes:
@@ -215,16 +236,52 @@ def gpu_capacity(
         if name is None or allocatable <= 0:
             continue
         matching[name] = (allocatable, _exclusion(node, parsed_tolerations))
+    pods = list(pods)
     requested = {name: 0 for name in matching}
     for pod in pods:
         node_name = _pod_holds_node(pod)
         if node_name in requested:
             requested[node_name] += pod_gpu_request(pod)
-    return GpuCapacity(
+    capacity = GpuCapacity(
         gpu_type,
         tuple(GpuNode(name, allocatable, requested[name], excluded)
               for name, (allocatable, excluded) in sorted(matching.items())),
     )
+    for replicas, gpus in sorted(unbound_replicas(deployments, pods), key=lambda item: -item[1]):
+        capacity = capacity.reserve(replicas, gpus)
+    return capacity
+
+
+def _matches(labels: Mapping[str, Any] | None, selector: Mapping[str, Any] | None) -> bool:
+    return bool(selector) and all((labels or {}).get(key) == value for key, value in selector.items())
+
+
+def unbound_replicas(deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
+                     ) -> list[tuple[int, int]]:
+    """(replicas, GPUs per replica) that Deployments ask for but that hold no GPUs on a node yet:
+    `spec.replicas` minus the Deployment's live pods bound to a node. A Deployment just scaled up
+    has no pods for the new replicas until its controller creates them, and a created pod holds
+    nothing until it is scheduled; those GPUs are promised all the same, so a capacity check that
+    counted only bound pods would hand them out twice."""
+    pods = list(pods)
+    unbound = []
+    for deployment in deployments:
+        spec = deployment.get("spec") or {}
+        wanted = int(spec.get("replicas", 1) or 0)
+        template = spec.get("template") or {}
+        gpus = pod_gpu_request(template)
+        if wanted <= 0 or gpus <= 0:
+            continue
+        namespace = _get(deployment.get("metadata"), "namespace")
+        selector = _get(spec.get("selector"), "matchLabels", "match_labels") or \
+            _get(template.get("metadata"), "labels")
+        bound = sum(1 for pod in pods
+                    if _get(pod.get("metadata"), "namespace") == namespace
+                    and not _get(pod.get("metadata"), "deletionTimestamp", "deletion_timestamp")
+                    and _matches(_get(pod.get("metadata"), "labels"), selector) and _pod_holds_node(pod))
+        if wanted > bound:
+            unbound.append((wanted - bound, gpus))
+    return unbound
 
 
 # ---------------------------------------------------------------- the planner (pure)

@@ -201,7 +201,7 @@ def _run_step(ctx, state: dict[str, Any], step: dict[str, Any], stable_revision:
         weight = int(step["setWeight"])
         current, stable_d = revision_counts(ctx, stable_revision, total)
         state.update(requestedWeight=weight, phase=PROGRESSING)
-        plan, waiting = set_split(ctx, state, stable_revision, total, weight, router, current, stable_d)
+        plan, waiting, current = set_split(ctx, state, stable_revision, total, weight, router, current, stable_d)
         state.update(exact=plan.exact, message=f"step {state['step']}: weight {weight}%: {plan.message}")
         note_capacity(ctx, state, waiting)
         done = plan.settled and current.ready_canary >= plan.canary_replicas and waiting is None and \
@@ -235,7 +235,7 @@ def keep_split(ctx, state: dict[str, Any], stable_revision: str, total: int, rou
     wanted = router.plan(total, int(weight), current)
     if (wanted.stable_replicas, wanted.canary_replicas) == (current.stable, current.canary):
         return  # nothing to resize: the common case, no capacity lookups
-    _, waiting = set_split(ctx, state, stable_revision, total, int(weight), router, current, stable_d)
+    _, waiting, _ = set_split(ctx, state, stable_revision, total, int(weight), router, current, stable_d)
     note_capacity(ctx, state, waiting)
 
 
@@ -249,28 +249,34 @@ def revision_counts(ctx, stable_revision: str, total: int) -> tuple[ReplicaCount
 
 def set_split(ctx, state: dict[str, Any], stable_revision: str, total: int, weight: int, router,
               current: ReplicaCounts, stable_d: dict[str, Any] | None):
-    """Size both revisions (and the route) for `weight` as far as the GPUs allow: (plan, waiting)."""
-    plan, waiting = plan_with_capacity(ctx, router, total, weight, current, stable_d)
+    """Size both revisions (and the route) for `weight` as far as the GPUs allow: (plan, waiting,
+    the replica counts the plan started from: re-read from the API when GPU capacity was checked)."""
+    plan, waiting, current = plan_with_capacity(ctx, router, total, weight, current, stable_revision)
     _apply_sizes(ctx, stable_revision, stable=plan.stable_replicas, canary=plan.canary_replicas)
     _apply_route(ctx, router, stable_revision, plan.effective_weight)
     state["weight"] = round(plan.effective_weight, 1)
-    return plan, waiting
+    return plan, waiting, current
 
 
 # --- GPU capacity -----------------------------------------------------------------------------------
 
-def plan_with_capacity(ctx, router, total: int, weight: int, current: ReplicaCounts,
-                       stable_deployment: dict[str, Any] | None):
+def plan_with_capacity(ctx, router, total: int, weight: int, current: ReplicaCounts, stable_revision: str):
     """The router's plan for `weight`, held to what the GPUs can host. Returns (plan, waiting message
-    or None). Nodes and pods are only read when the plan adds replicas."""
+    or None, the counts planned from). Nodes, pods and the worker's Deployments are only read when
+    the plan adds replicas; the plan is then made again from the Deployments as the API has them
+    (the watch cache may not show the last pass's own scaling yet)."""
     from digital_worker.operator import capacity as gpu
 
     plan = router.plan(total, weight, current)
     if plan.canary_replicas <= current.canary and plan.stable_replicas <= current.stable:
-        return plan, None
-    view = gpu_view(ctx, stable_deployment)
+        return plan, None, current
+    view = gpu_view(ctx, _deployment(ctx, stable_revision))
     if view is None:
-        return plan, None
+        return plan, None, current
+    current, _ = revision_counts(ctx, stable_revision, total)  # gpu_view refreshed ctx.observed
+    plan = router.plan(total, weight, current)
+    if plan.canary_replicas <= current.canary and plan.stable_replicas <= current.stable:
+        return plan, None, current
     available, new_gpus, stable_gpus = view
     canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
     step = gpu.plan_rollout_step(
@@ -278,21 +284,33 @@ def plan_with_capacity(ctx, router, total: int, weight: int, current: ReplicaCou
         gpus_per_stable_replica=stable_gpus,
         max_unavailable=resolve_int_or_percent(_int_or_percent(canary_spec.get("maxUnavailable", "0")), total,
                                                False, "maxUnavailable"))
-    return step.traffic, (step.capacity.message if step.waiting else None)
+    return step.traffic, (step.capacity.message if step.waiting else None), current
 
 
 def gpu_view(ctx, stable_deployment: dict[str, Any] | None):
     """(free GPU capacity on the nodes the new pods can land on, GPUs per new replica, per stable
-    replica), or None when no GPU node is known (e.g. nodes appear on demand): nothing to hold to."""
+    replica), or None when no GPU node is known (e.g. nodes appear on demand): nothing to hold to.
+
+    Free means neither held by a pod nor promised to one: the worker's Deployments are read from the
+    API (and replace ctx.observed's, so the caller plans from them) and the replicas they ask for
+    beyond their pods bound to a node count as taken. A canary scaled up by the previous pass has no
+    pod until the Deployment controller makes one; counting only pods, the next pass would see the
+    GPUs the stable just gave up as free and hand them out a second time."""
     from digital_worker.operator import capacity as gpu
 
     new_template = render.render_deployment(ctx.body, ctx.spec, ctx.revision, 0)["spec"]["template"]
     runtime = ctx.spec.get("runtime", {})
     nodes = ctx.client.list("v1", "nodes")
-    available = gpu.gpu_capacity(nodes, ctx.client.list("v1", "pods") if nodes else [],
+    if not nodes:
+        return None
+    deployments = [d for d in ctx.client.list("apps/v1", "deployments", ctx.namespace,
+                                              render.selector_string(ctx.name))
+                   if not d["metadata"].get("deletionTimestamp")]  # going: its pods count, it asks for none
+    ctx.observed.children["deployments"] = deployments
+    available = gpu.gpu_capacity(nodes, ctx.client.list("v1", "pods"),
                                  gpu_type=runtime.get("gpuType"),
                                  tolerations=new_template["spec"].get("tolerations") or [],
-                                 node_selector=runtime.get("nodeSelector"))
+                                 node_selector=runtime.get("nodeSelector"), deployments=deployments)
     if not available.nodes:
         return None
     stable_template = ((stable_deployment or {}).get("spec") or {}).get("template") or new_template

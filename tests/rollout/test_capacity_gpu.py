@@ -133,6 +133,71 @@ def test_fits_counts_whole_replicas_per_node():
         capacity.fits(1, 0)
 
 
+def deployment(revision, replicas, gpus=2, namespace="ai"):
+    labels = {"app": "bot", "rev": revision}
+    return {"metadata": {"name": f"bot-{revision}", "namespace": namespace},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"resources": {"limits": {"nvidia.com/gpu": gpus}}}]}}}}
+
+
+def replica_pod(revision, node_name, gpus=2, namespace="ai", deleting=False, phase="Running"):
+    made = pod(node_name, gpus, phase=phase)
+    made["metadata"].update(namespace=namespace, labels={"app": "bot", "rev": revision})
+    if deleting:
+        made["metadata"]["deletionTimestamp"] = "2026-11-22T01:00:00Z"
+    return made
+
+
+def test_replicas_a_deployment_asks_for_without_a_bound_pod_are_not_free():
+    """A shift scaled the stable 4 -> 3 and the canary 0 -> 1: the stable's pod is gone, the
+    canary's not created (or not scheduled) yet. Its 2 GPUs are promised, not free."""
+    from digital_worker.operator.capacity import unbound_replicas
+
+    nodes = [node("a", 4), node("b", 4)]
+    pods = [replica_pod("s", "a"), replica_pod("s", "b"), replica_pod("s", "a")]
+    deployments = [deployment("s", 3), deployment("c", 1)]
+    assert gpu_capacity(nodes, pods).free_gpus == 2  # what counting pods alone sees
+    assert unbound_replicas(deployments, pods) == [(1, 2)]
+    assert gpu_capacity(nodes, pods, deployments=deployments).free_gpus == 0
+    pending = pods + [replica_pod("c", None, phase="Pending")]
+    assert gpu_capacity(nodes, pending, deployments=deployments).free_gpus == 0
+    bound = pods + [replica_pod("c", "b")]  # scheduled: counted once, as a pod
+    assert unbound_replicas(deployments, bound) == []
+    assert gpu_capacity(nodes, bound, deployments=deployments).free_gpus == 0
+    # A terminating pod holds its GPUs but is no replica; pods elsewhere are not this Deployment's.
+    others = pods + [replica_pod("c", "b", deleting=True), replica_pod("c", "b", namespace="other")]
+    assert unbound_replicas(deployments, others) == [(1, 2)]
+    assert unbound_replicas([deployment("c", 0), deployment("x", 2, gpus=0)], []) == []
+
+
+def test_reserving_places_like_the_scheduler_and_never_frees_what_is_promised():
+    capacity = cap(3, 6)
+    placed = capacity.reserve(2, 2)
+    assert [n.free for n in placed.nodes] == [3, 2]  # most free first, one pod at a time
+    assert [n.free for n in capacity.reserve(3, 2).nodes] == [1, 2]
+    # Nowhere fits a 4-GPU pod on (3, 2): it waits Pending and takes the first GPUs to free up.
+    assert placed.reserve(1, 4).free_gpus < placed.free_gpus
+    assert capacity.reserve(0, 2) is capacity
+
+
+def test_planning_from_the_promised_view_never_oversells_the_nodes():
+    """The rollout state above, planned by the replica-ratio router (maxSurge 1, maxUnavailable 1)
+    and the capacity planner: from pods alone a second canary replica 'fits' (3 + 2 replicas of 2
+    GPUs on 8); from what is promised it does not."""
+    from digital_worker.operator.capacity import plan_rollout_step
+
+    router = ReplicaRatioRouter(max_surge=1, max_unavailable=1)
+    nodes = [node("a", 4), node("b", 4)]
+    pods = [replica_pod("s", "a"), replica_pod("s", "b"), replica_pod("s", "a")]
+    current = ReplicaCounts(stable=3, canary=1, stable_ready=3, canary_ready=0)
+    naive = plan_rollout_step(router, gpu_capacity(nodes, pods), 4, 50, current, 2, max_unavailable=1)
+    assert (naive.traffic.stable_replicas + naive.traffic.canary_replicas) * 2 == 10
+    step = plan_rollout_step(router, gpu_capacity(nodes, pods, deployments=[deployment("s", 3), deployment("c", 1)]),
+                             4, 50, current, 2, max_unavailable=1)
+    assert (step.traffic.stable_replicas + step.traffic.canary_replicas) * 2 <= 8
+
+
 # ---------------------------------------------------------------- planner
 
 
