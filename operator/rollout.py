@@ -182,16 +182,27 @@ def _ready(deployment: dict[str, Any] | None) -> int:
 
 
 def _apply_sizes(ctx, stable_revision: str, *, stable: int, canary: int) -> None:
-    """Size both revisions: the stable Deployment keeps its own pod template (only replicas change)."""
+    """Size both revisions: the stable Deployment keeps its own pod template (only replicas change).
+    The revision that shrinks is patched first, so no moment asks for the GPUs of both sizes: the
+    capacity plan counted on what the shrinking one frees (a shift, an abort)."""
     from digital_worker.operator.reconcile import apply
 
     stable_deployment = _deployment(ctx, stable_revision)
-    if stable_deployment is not None and (stable_deployment.get("spec") or {}).get("replicas") != stable:
-        ctx.client.patch("apps/v1", "deployments", ctx.namespace, stable_deployment["metadata"]["name"],
-                         {"spec": {"replicas": stable}})
-        ctx.changes += 1
-    apply(ctx, render.render_configmap(ctx.body, ctx.spec, ctx.revision))
-    apply(ctx, render.render_deployment(ctx.body, ctx.spec, ctx.revision, canary))
+
+    def size_stable() -> None:
+        if stable_deployment is not None and (stable_deployment.get("spec") or {}).get("replicas") != stable:
+            ctx.client.patch("apps/v1", "deployments", ctx.namespace, stable_deployment["metadata"]["name"],
+                             {"spec": {"replicas": stable}})
+            ctx.changes += 1
+
+    def size_canary() -> None:
+        apply(ctx, render.render_configmap(ctx.body, ctx.spec, ctx.revision))
+        apply(ctx, render.render_deployment(ctx.body, ctx.spec, ctx.revision, canary))
+
+    stable_grows = stable_deployment is not None and stable > int(
+        (stable_deployment.get("spec") or {}).get("replicas", 0) or 0)
+    for size in ((size_canary, size_stable) if stable_grows else (size_stable, size_canary)):
+        size()
 
 
 def _run_step(ctx, state: dict[str, Any], step: dict[str, Any], stable_revision: str, total: int, now: float,

@@ -1,8 +1,9 @@
 """A canary's reconcile passes never make the worker's Deployments ask for more GPUs than the nodes
 have, in any API state between two writes (pure: an in-memory API, no emulator, no kopf).
 
-The state is one a real cluster passes through: a Deployment the previous pass scaled up whose new
-pod the Deployment controller has not created yet, a stable pod already gone for it."""
+The states are the ones a real cluster passes through: a Deployment the previous pass scaled up
+whose new pod the Deployment controller has not created yet, a stable pod already gone for it; and
+an abort, where the stable grows back into what the canary gives up."""
 from __future__ import annotations
 
 import copy
@@ -146,3 +147,13 @@ def test_a_pending_canary_pod_keeps_its_gpus_too():
     reconcile.reconcile(body, kube)
     assert kube.asked and max(kube.asked) <= 8, kube.asked
 
+
+def test_an_abort_scales_the_canary_down_before_the_stable_grows_back():
+    body, stable, new = worker({})
+    body["metadata"]["annotations"] = {f"{api.GROUP}/abort": "true"}
+    kube = cluster(body, {stable: (2, ["gpu-node-1", "gpu-node-2"]), new: (2, ["gpu-node-1", "gpu-node-2"])})
+    reconcile.reconcile(body, kube)
+    deployments = {d["metadata"]["labels"][api.LABEL_REVISION]: d["spec"]["replicas"]
+                   for d in kube.list("apps/v1", "deployments", NS)}
+    assert deployments == {stable: 4, new: 0}
+    assert max(kube.asked) <= 8, kube.asked
