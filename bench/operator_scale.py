@@ -73,6 +73,11 @@ def main() -> int:
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--autoscaling", choices=("Off", "DryRun"), default="Off",
+                        help="DryRun: every worker runs its autoscaling timer (no replicas: ticks hold)")
+    parser.add_argument("--interval", type=int, default=20, help="spec.autoscaling.intervalSeconds")
+    parser.add_argument("--steady-seconds", type=float, default=0.0,
+                        help="after all are reconciled, measure the operator's CPU for this long")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="dw-scale-"))
@@ -91,7 +96,7 @@ def main() -> int:
 
     example = yaml.safe_load((REPO / "examples" / "digitalworker.yaml").read_text())
     example["spec"]["replicas"] = 1
-    example["spec"]["autoscaling"] = {"mode": "Off"}
+    example["spec"]["autoscaling"] = {"mode": args.autoscaling, "intervalSeconds": args.interval}
     # The example carries a fallback model (a second Deployment per worker): the target is about workers.
     example["spec"].pop("fallback", None)
     created: dict[str, float] = {}
@@ -146,6 +151,12 @@ def main() -> int:
     while time.monotonic() < deadline and len(reconciled) < args.count:
         time.sleep(0.2)
     all_reconciled = (max(reconciled.values()) - started) if len(reconciled) == args.count else float("nan")
+    steady_cpu_share = float("nan")
+    if args.steady_seconds > 0:
+        time.sleep(min(30.0, args.steady_seconds))  # the last creations' finalizers and first ticks settle
+        cpu_before, at = cpu_seconds(operator.pid), time.monotonic()
+        time.sleep(args.steady_seconds)
+        steady_cpu_share = (cpu_seconds(operator.pid) - cpu_before) / (time.monotonic() - at)
     rss = peak_rss_mb(operator.pid)
     operator_cpu, cluster_cpu = cpu_seconds(operator.pid), cpu_seconds(cluster.pid)
     stop.set()
@@ -167,6 +178,8 @@ def main() -> int:
     latencies = [first_deployment[key] - created[key] for key in created if key in first_deployment]
     result = {
         "count": args.count,
+        "autoscaling": args.autoscaling,
+        "steady_operator_cpu_cores": round(steady_cpu_share, 3),
         "p50_seconds": round(percentile(latencies, 0.50), 3),
         "p99_seconds": round(percentile(latencies, 0.99), 3),
         "all_reconciled_seconds": round(all_reconciled, 2),
@@ -185,7 +198,8 @@ def main() -> int:
             ("API requests per reconcile", result["api_requests_per_reconcile"]),
             ("creation burst (s)", result["create_burst_seconds"]),
             ("operator CPU (s)", result["operator_cpu_seconds"]),
-            ("emulated API CPU (s)", result["emulated_api_cpu_seconds"])]
+            ("emulated API CPU (s)", result["emulated_api_cpu_seconds"]),
+            (f"steady operator CPU (cores), autoscaling {args.autoscaling}", result["steady_operator_cpu_cores"])]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 import kopf
 
@@ -110,7 +111,14 @@ def _autoscaling_on(spec: kopf.Spec, **_) -> bool:
     return (spec.get("autoscaling") or {}).get("mode", "Off") != "Off"
 
 
-@kopf.timer(*DW, id=AUTOSCALING_TIMER_ID, interval=AUTOSCALING_TIMER_SECONDS, sharp=True, when=_autoscaling_on)
+def _first_tick_delay(spec: kopf.Spec, **_) -> float:
+    # Workers created (or found at start) together would tick in the same instant every interval:
+    # a random start within their interval spreads the ticks, and the API calls they make.
+    return random.uniform(0.0, float((spec.get("autoscaling") or {}).get("intervalSeconds", 20)))
+
+
+@kopf.timer(*DW, id=AUTOSCALING_TIMER_ID, interval=AUTOSCALING_TIMER_SECONDS, sharp=True,
+            initial_delay=_first_tick_delay, when=_autoscaling_on)
 async def autoscale(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_) -> None:
     """This worker's autoscaling tick, when its `spec.autoscaling.intervalSeconds` is due."""
     try:

@@ -32,7 +32,7 @@ def test_an_interval_off_the_grid_waits_for_the_next_firing():
     assert firings(schedule(), 5, 20) == [0, 5, 10, 15, 20]
 
 
-def test_off_and_deleting_workers_never_tick_and_lose_their_schedule():
+def test_off_deleting_and_unreconciled_workers_never_tick_and_lose_their_schedule():
     autoscaling = schedule()
     off = {"metadata": {"namespace": "ai", "name": "bot"}, "spec": {"autoscaling": {"mode": "Off"}}}
     deleting = {"metadata": {"namespace": "ai", "name": "bot", "deletionTimestamp": "2026-11-22T00:00:00Z"},
@@ -40,4 +40,8 @@ def test_off_and_deleting_workers_never_tick_and_lose_their_schedule():
     assert autoscaling.due("ai/bot", 20, 0.0)
     assert asyncio.run(autoscaling.tick_if_due(off, now=100.0)) is False
     assert asyncio.run(autoscaling.tick_if_due(deleting, now=100.0)) is False
+    # Before the operator's first pass there is no Deployment to size and no replica to measure.
+    unreconciled = {"metadata": {"namespace": "ai", "name": "new"}, "spec": {"autoscaling": {"mode": "Auto"}}}
+    assert asyncio.run(autoscaling.tick_if_due(unreconciled, now=100.0)) is False
+    assert autoscaling.due("ai/new", 20, 100.0)  # and it booked nothing
     assert autoscaling.due("ai/bot", 20, 1.0)  # its schedule was dropped: due at once when it comes back
