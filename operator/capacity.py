@@ -38,6 +38,7 @@ REASON_FITS = "CapacityAvailable"
 REASON_SHIFTING = "ShiftingCapacity"
 REASON_NOTHING_TO_ADD = "NoScaleUp"
 REASON_PARTIAL = "PartialCapacity"
+REASON_STARTING = "ReplicasStarting"
 
 
 def _get(obj: Mapping[str, Any] | None, *keys: str) -> Any:
@@ -290,7 +291,9 @@ def unbound_replicas(deployments: Iterable[Mapping[str, Any]], pods: Iterable[Ma
 @dataclass(frozen=True)
 class CapacityDecision:
     # "Proceed": scale to the counts below; "Shift": scale the stable down to make room, the
-    # canary up in the same step; "Wait": nothing fits now (condition Progressing=False).
+    # canary up in the same step; "Hold": a shift would be due but replicas still starting use the
+    # maxUnavailable budget (keep the counts, not a wait for GPUs); "Wait": nothing fits now
+    # (condition Progressing=False).
     action: str
     stable_replicas: int
     canary_replicas: int
@@ -312,6 +315,7 @@ def plan_capacity(
     gpus_per_stable_replica: int | None = None,
     max_unavailable: int = 0,
     stable_floor: int | None = None,
+    unavailable: int = 0,
 ) -> CapacityDecision:
     """Decide the next replica counts of a step that wants (target_stable, target_canary).
 
@@ -322,8 +326,10 @@ def plan_capacity(
     1. every new pod fits in free GPUs plus what the step's own stable scale-down frees: proceed;
     2. some fit: proceed with those, shrinking the stable only as much as they need;
     3. none fit and `max_unavailable` >= 1 (the rollout may run a replica short while a pod
-       starts): shift up to `max_unavailable` stable pods to the canary, never below
-       `stable_floor` (default: 1 while the stable should serve, i.e. target_stable > 0);
+       starts): shift up to `max_unavailable` stable pods to the canary, less the `unavailable`
+       replicas (not ready now, e.g. canary pods of an earlier shift still starting), never below
+       `stable_floor` (default: 1 while the stable should serve, i.e. target_stable > 0); with
+       that budget used up, hold (reason ReplicasStarting, not a wait for GPUs) until they are ready;
     4. otherwise wait, reason InsufficientGPU, saying what is missing.
     The stable never shrinks by more than the canary can provably use, so a rollout cannot end
     with both revisions half-sized and the freed GPUs unusable. While the canary grows the
@@ -354,13 +360,15 @@ def plan_capacity(
     if add_canary > 0:
         floor = stable_floor if stable_floor is not None else (1 if target_stable > 0 else 0)
         return _grow_canary(capacity, current_stable, current_canary, target_stable, target_canary,
-                            gpus_per_canary_replica, stable_gpus, max_unavailable, min(floor, current_stable))
+                            gpus_per_canary_replica, stable_gpus, max_unavailable, min(floor, current_stable),
+                            max(0, unavailable))
     return _grow_stable(capacity, current_stable, current_canary, target_stable, target_canary,
                         gpus_per_canary_replica, stable_gpus)
 
 
 def _grow_canary(capacity: GpuCapacity, stable: int, canary: int, target_stable: int, target_canary: int,
-                 canary_gpus: int, stable_gpus: int, max_unavailable: int, stable_floor: int) -> CapacityDecision:
+                 canary_gpus: int, stable_gpus: int, max_unavailable: int, stable_floor: int,
+                 unavailable: int = 0) -> CapacityDecision:
     add = target_canary - canary
     fit_now = capacity.replicas_that_fit(canary_gpus)
     per_freed = stable_gpus // canary_gpus
@@ -377,7 +385,13 @@ def _grow_canary(capacity: GpuCapacity, stable: int, canary: int, target_stable:
                                 f"{capacity.describe()}")
     shiftable = max(0, stable - stable_floor)
     if max_unavailable >= 1 and per_freed >= 1 and shiftable > 0:
-        shrink = min(max_unavailable, shiftable, _ceil_div(add, per_freed))
+        budget = max_unavailable - unavailable
+        if budget < 1:
+            return CapacityDecision(
+                "Hold", stable, canary, REASON_STARTING,
+                f"no free GPUs for the canary ({capacity.describe()}); {unavailable} replica(s) not ready yet "
+                f"use the maxUnavailable budget ({max_unavailable}): shifting more waits until they are ready")
+        shrink = min(budget, shiftable, _ceil_div(add, per_freed))
         grow = min(add, shrink * per_freed)
         return CapacityDecision(
             "Shift", stable - shrink, canary + grow, REASON_SHIFTING,
@@ -454,6 +468,7 @@ def plan_rollout_step(
         capacity, current.stable, current.canary, wanted.stable_replicas, wanted.canary_replicas,
         gpus_per_canary_replica, gpus_per_stable_replica, max_unavailable,
         stable_floor=router.stable_floor(total_replicas, canary_weight),
+        unavailable=max(0, total_replicas - current.ready_stable - current.ready_canary),
     )
     if (decision.stable_replicas, decision.canary_replicas) == (wanted.stable_replicas, wanted.canary_replicas):
         return RolloutStep(wanted, decision)

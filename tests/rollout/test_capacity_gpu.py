@@ -198,6 +198,54 @@ def test_planning_from_the_promised_view_never_oversells_the_nodes():
     assert (step.traffic.stable_replicas + step.traffic.canary_replicas) * 2 <= 8
 
 
+def test_a_shift_waits_for_the_replicas_an_earlier_shift_left_starting():
+    """maxUnavailable 1 and one canary pod of the last shift not ready yet: shifting another stable
+    replica now would leave 2 of 4 serving. Hold (not a wait for GPUs) until it is ready."""
+    from digital_worker.operator.capacity import REASON_STARTING, plan_rollout_step
+
+    held = plan_capacity(cap(0), 3, 1, 3, 2, gpus_per_canary_replica=2, max_unavailable=1, unavailable=1)
+    assert (held.action, held.stable_replicas, held.canary_replicas) == ("Hold", 3, 1)
+    assert held.reason == REASON_STARTING and not held.waiting and "not ready" in held.message
+    wider = plan_capacity(cap(0), 3, 1, 3, 3, gpus_per_canary_replica=2, max_unavailable=2, unavailable=1)
+    assert (wider.action, wider.stable_replicas, wider.canary_replicas) == ("Shift", 2, 2)
+    router = ReplicaRatioRouter(max_surge=1, max_unavailable=1)
+    starting = plan_rollout_step(router, cap(0), 4, 50, ReplicaCounts(3, 1, 3, 0), 2, max_unavailable=1)
+    assert (starting.traffic.stable_replicas, starting.traffic.canary_replicas) == (3, 1)
+    assert not starting.waiting and not starting.traffic.settled
+
+
+@pytest.mark.parametrize("startup_ticks", [1, 3])
+def test_replica_ratio_rollout_on_full_nodes_keeps_max_unavailable_while_pods_start(startup_ticks):
+    """8 GPUs, 4 stable replicas of 2 GPUs, replica ratio with maxSurge 1 / maxUnavailable 1, to 50%
+    then 100%; a new pod is ready `startup_ticks` ticks after it is created. At every tick the
+    Deployments ask for at most 8 GPUs and at least 3 of the 4 replicas are ready."""
+    from digital_worker.operator.capacity import plan_rollout_step
+
+    router = ReplicaRatioRouter(max_surge=1, max_unavailable=1)
+    total, gpus, node_gpus = 4, 2, 8
+    stable, canary_ages = 4, []  # ages (ticks since creation) of the canary's pods
+    for weight in (50, 100):
+        for _ in range(40):
+            ready_canary = sum(1 for age in canary_ages if age >= startup_ticks)
+            counts = ReplicaCounts(stable, len(canary_ages), stable, ready_canary)
+            promised = GpuCapacity(None, (GpuNode("n0", node_gpus, (stable + len(canary_ages)) * gpus),))
+            step = plan_rollout_step(router, promised, total, weight, counts, gpus, max_unavailable=1)
+            plan = step.traffic
+            assert not step.waiting, step.capacity.message
+            assert (plan.stable_replicas + plan.canary_replicas) * gpus <= node_gpus
+            stable = plan.stable_replicas
+            canary_ages = sorted(canary_ages, reverse=True)[:plan.canary_replicas]
+            canary_ages += [0] * (plan.canary_replicas - len(canary_ages))
+            assert stable + sum(1 for age in canary_ages if age >= startup_ticks) >= total - 1
+            done = plan.settled and ready_canary >= plan.canary_replicas and \
+                (plan.stable_replicas, plan.canary_replicas) == (counts.stable, counts.canary)
+            canary_ages = [age + 1 for age in canary_ages]
+            if done:
+                break
+        assert done, (weight, stable, canary_ages)
+    assert (stable, len(canary_ages)) == (0, 4)
+
+
 # ---------------------------------------------------------------- planner
 
 
