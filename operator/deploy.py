@@ -31,6 +31,9 @@ OPERATOR_RBAC_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = 
     ("digitalworker.io", ("digitalworkers",), ("get", "list", "watch", "patch")),
     ("digitalworker.io", ("digitalworkers/status",), ("get", "patch")),
     ("digitalworker.io", ("digitalworkers/scale",), ("get", "patch", "update")),
+    # Children name their worker with blockOwnerDeletion, which clusters enforcing owner-reference
+    # permissions (OwnerReferencesPermissionEnforcement) allow only to who may update its finalizers.
+    ("digitalworker.io", ("digitalworkers/finalizers",), ("update",)),
     ("apps", ("deployments",), ("get", "list", "watch", "create", "patch", "delete")),
     ("apps", ("deployments/scale",), ("get", "patch")),
     ("", ("services", "configmaps"), ("get", "list", "watch", "create", "patch", "delete")),

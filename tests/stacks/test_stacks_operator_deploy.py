@@ -10,6 +10,7 @@ EXPECTED_VERBS = {
     ("digitalworker.io", "digitalworkers"): {"get", "list", "watch", "patch"},
     ("digitalworker.io", "digitalworkers/status"): {"get", "patch"},
     ("digitalworker.io", "digitalworkers/scale"): {"get", "patch", "update"},
+    ("digitalworker.io", "digitalworkers/finalizers"): {"update"},  # children's blockOwnerDeletion
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "deployments/scale"): {"get", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
