@@ -391,9 +391,11 @@ def _abort(ctx, state: dict[str, Any], reason: str) -> None:
 
 def _complete(ctx, state: dict[str, Any], stable_revision: str, total: int, router) -> None:
     """The canary becomes stable at full size; the old revision goes once the new one carries it."""
-    _apply_sizes(ctx, stable_revision, stable=_stable_replicas(ctx, stable_revision), canary=total)
+    stable, canary_size, waiting = promotion_sizes(ctx, stable_revision, total)
+    _apply_sizes(ctx, stable_revision, stable=stable, canary=canary_size)
     canary = _deployment(ctx, ctx.revision)
     if _ready(canary) >= total:
+        note_capacity(ctx, state, None)
         # Gateway API: everything to the new revision, then the stable Service follows it.
         _apply_route(ctx, router, ctx.revision, 0, canary_revision=ctx.revision)
         delete_revision(ctx, stable_revision)
@@ -404,6 +406,35 @@ def _complete(ctx, state: dict[str, Any], stable_revision: str, total: int, rout
     else:
         _apply_route(ctx, router, stable_revision, 100 * _ready(canary) / max(total, 1))
         state.update(phase=PROGRESSING, message=f"promoting: {_ready(canary)}/{total} canary replicas ready")
+        note_capacity(ctx, state, waiting)
+
+
+def promotion_sizes(ctx, stable_revision: str, total: int) -> tuple[int, int, str | None]:
+    """(stable, canary replicas, waiting message or None) for the promotion: the canary at full size
+    beside the stable, which keeps its replicas until the canary carries everything, as far as the
+    GPUs allow. Short of GPUs, the capacity planner shifts stable replicas to the canary within
+    maxUnavailable (the stable may go, it is being replaced) or waits, reason InsufficientGPU; the
+    canary never asks for GPUs that are not there (its pods would stay Pending and the promotion,
+    waiting for them to be ready before the stable goes, would never end)."""
+    from digital_worker.operator import capacity as gpu
+
+    current, stable_d = revision_counts(ctx, stable_revision, total)
+    if current.canary >= total:
+        return current.stable, total, None
+    view = gpu_view(ctx, stable_d)
+    if view is None:
+        return current.stable, total, None
+    current, _ = revision_counts(ctx, stable_revision, total)  # gpu_view refreshed ctx.observed
+    if current.canary >= total:
+        return current.stable, total, None
+    available, new_gpus, stable_gpus = view
+    canary_spec = ctx.spec.get("rollout", {}).get("canary", {})
+    decision = gpu.plan_capacity(
+        available, current.stable, current.canary, current.stable, total, new_gpus, stable_gpus,
+        max_unavailable=resolve_int_or_percent(_int_or_percent(canary_spec.get("maxUnavailable", "0")), total,
+                                               False, "maxUnavailable"),
+        stable_floor=0, unavailable=max(0, total - current.ready_stable - current.ready_canary))
+    return decision.stable_replicas, decision.canary_replicas, decision.message if decision.waiting else None
 
 
 def delete_revision(ctx, revision: str) -> None:
@@ -414,6 +445,3 @@ def delete_revision(ctx, revision: str) -> None:
         ctx.observed.children["deployments"] = [d for d in ctx.observed.of("deployments") if d is not old]
         ctx.changes += 1
 
-
-def _stable_replicas(ctx, stable_revision: str) -> int:
-    return int(((_deployment(ctx, stable_revision) or {}).get("spec") or {}).get("replicas", 0))

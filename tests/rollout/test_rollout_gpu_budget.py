@@ -157,3 +157,27 @@ def test_an_abort_scales_the_canary_down_before_the_stable_grows_back():
                    for d in kube.list("apps/v1", "deployments", NS)}
     assert deployments == {stable: 4, new: 0}
     assert max(kube.asked) <= 8, kube.asked
+
+
+def test_promotion_grows_the_canary_only_into_gpus_there_are():
+    """Promoted in full at 50% on full nodes: the canary's growth to 4 beside the stable's 2 would
+    ask for 12 GPUs, and its Pending pods would hold the promotion forever. With maxUnavailable 1 a
+    stable replica gives way; with 0 the promotion waits, reason InsufficientGPU."""
+    body, stable, new = worker({"step": 1, "weight": 50.0})
+    body["metadata"]["annotations"] = {f"{api.GROUP}/promote": "full"}
+    kube = cluster(body, {stable: (2, ["gpu-node-1", "gpu-node-2"]), new: (2, ["gpu-node-1", "gpu-node-2"])})
+    result = reconcile.reconcile(body, kube)
+    assert max(kube.asked) <= 8, kube.asked
+    deployments = {d["metadata"]["labels"][api.LABEL_REVISION]: d["spec"]["replicas"]
+                   for d in kube.list("apps/v1", "deployments", NS)}
+    assert deployments == {stable: 1, new: 3}
+    assert result.status["rollout"]["phase"] == "Progressing" and "waitingFor" not in result.status["rollout"]
+
+    body, stable, new = worker({"step": 1, "weight": 50.0})
+    body["spec"]["rollout"]["canary"]["maxUnavailable"] = 0
+    body["metadata"]["annotations"] = {f"{api.GROUP}/promote": "full"}
+    kube = cluster(body, {stable: (2, ["gpu-node-1", "gpu-node-2"]), new: (2, ["gpu-node-1", "gpu-node-2"])})
+    result = reconcile.reconcile(body, kube)
+    assert not kube.asked or max(kube.asked) <= 8, kube.asked
+    assert result.status["rollout"]["waitingFor"] == "InsufficientGPU"
+    assert {d["spec"]["replicas"] for d in kube.list("apps/v1", "deployments", NS)} == {2}
