@@ -99,7 +99,7 @@ def aborted(s: dict) -> bool:
 
 def test_five_percent_errors_abort_at_the_first_analysis(fleet, prometheus):
     # Judged on 30-40 requests, a 5% error rate shows no error at all about one time in six (0.95^35)
-    # and the canary passes; 150 requests leave P(at most 1 error) = 0.5%. Waiting for them takes
+    # and the canary passes; 150 requests leave P(at most 1 error) = 0.4%. Waiting for them takes
     # longer than two runs' worth of inconclusive looks, hence the higher inconclusiveLimit.
     final = run_canary(fleet, prometheus, "errors-bot", {"error_rate": 0.05}, rate=20, until=aborted,
                        analysis={"minRequests": 150, "inconclusiveLimit": 6})
