@@ -23,11 +23,14 @@ NAMESPACE = "ai"
 
 
 def worker(name: str) -> dict:
-    # One story at a time: no fallback model's pods.
+    # One story at a time: no fallback model's pods. The first judged run must see enough requests:
+    # with minRequests 5, a canary aborting 30% of its requests shows no error in 5 of them one time
+    # in six (0.7^5) and passes maxErrorRate 0.05 on the point estimate; 40 requests leave
+    # P(at most 2 errors) = 1e-4. The canary gets ~6 req/s, so the 15 s window holds them after ~7 s.
     return example_worker(name, NAMESPACE, replicas=2, fallback=None, rollout={
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
-        "analysis": {"intervalSeconds": 5, "windowSeconds": 10, "minRequests": 5, "failureLimit": 1,
+        "analysis": {"intervalSeconds": 5, "windowSeconds": 15, "minRequests": 40, "failureLimit": 1,
                      "inconclusiveLimit": 8, "maxErrorRate": 0.05, "maxTTFTP95Ratio": 3.0,
                      "maxITLP95Ratio": 3.0},
     })

@@ -20,7 +20,10 @@ def test_bad_canary_is_aborted_by_analysis(prometheus):
     body = example_worker("ana-bot", "ai", replicas=4, rollout={
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": 25}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
-        "analysis": {"intervalSeconds": 5, "windowSeconds": 10, "minRequests": 5, "failureLimit": 1,
+        # 30 canary requests before the first verdict: with 5, a canary aborting 30% of its requests
+        # shows none aborted one time in six (0.7^5) and passes; with 30, P = 0.7^30 = 2e-5. The canary
+        # gets a quarter of 15 req/s, so the 20 s window holds them after ~8 s.
+        "analysis": {"intervalSeconds": 5, "windowSeconds": 20, "minRequests": 30, "failureLimit": 1,
                      "inconclusiveLimit": 6, "maxErrorRate": 0.02},
     })
     bad = copy.deepcopy(body["spec"])
