@@ -7,7 +7,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-venv="${DW_SGLANG_VENV:-/work/.cache/sglang-venv}"
+# Same default as tests/runtime/test_runtime_sglang_parser.py, so no variable has to be passed on.
+venv="${DW_SGLANG_VENV:-$HOME/.cache/digital-worker/sglang-venv}"
 python="${PYTHON:-python3}"
 # The pin lives in runtime/contract.py only; read it from there so the two never drift.
 sglang_version="$(sed -n 's/^SGLANG_VERSION = "\(.*\)"$/\1/p' "$repo/runtime/contract.py")"

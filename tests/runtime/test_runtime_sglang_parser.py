@@ -1,7 +1,7 @@
 """The launch contract against SGLang's real code at the pinned version, on the CPU.
 
 Runs the SGLang virtualenv's python (made by tests/runtime/sglang_venv.sh, at $DW_SGLANG_VENV or
-/work/.cache/sglang-venv) on tests/runtime/sglang_probe.py: `prepare_server_args` parses the argv
+~/.cache/digital-worker/sglang-venv) on tests/runtime/sglang_probe.py: `prepare_server_args` parses the argv
 `build_argv` makes; the allow-listed extra args and the typed fields' choices exist in SGLang's
 parser; the simulator's metric definitions match SGLang's metrics_collector.py; and the launcher's
 API key handover reaches SGLang's ServerArgs through `sglang_entry`.
@@ -23,7 +23,8 @@ from digital_worker.runtime.sglang_metrics import METRICS, scheduler_labels, tok
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HERE = Path(__file__).resolve().parent
-VENV = Path(os.environ.get("DW_SGLANG_VENV", "/work/.cache/sglang-venv"))
+# The same default as sglang_venv.sh: `bash .ci/setup && python3 -m pytest -q` needs no variable.
+VENV = Path(os.environ.get("DW_SGLANG_VENV") or Path.home() / ".cache" / "digital-worker" / "sglang-venv")
 VENV_PYTHON = VENV / "bin" / "python"
 PROBE = HERE / "sglang_probe.py"
 
