@@ -97,9 +97,16 @@ def tour_worker(body: dict[str, Any], timing: TourTiming) -> dict[str, Any]:
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": 25}, {"pause": {"duration": f"{timing.pause_seconds}s"}},
                              {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
+        # Each verdict needs two runs: two successful ones to promote, two failed in a row to
+        # abort. The canaries are judged on a few dozen requests near saturation (5-20 at --speed
+        # 10), where p95 TTFT is about the 4th-highest of ~75 and one SGLang histogram bucket
+        # (0.2-0.4 s vs 0.4-0.6 s) already reads as 1.5x the stable's: a paced tour aborted its
+        # healthy canary at 1.54x, hence also the 2x latency ratios. The bad version (half its
+        # answers HTTP 500) shows no error in 5 requests one time in 32, so a single run could
+        # promote it; its error rate fails on nearly every run.
         "analysis": {"intervalSeconds": timing.analysis_interval, "windowSeconds": timing.analysis_window,
-                     "minRequests": 5, "successfulRuns": 1, "failureLimit": 1, "inconclusiveLimit": 6,
-                     "maxErrorRate": 0.05},
+                     "minRequests": 5, "successfulRuns": 2, "failureLimit": 2, "inconclusiveLimit": 6,
+                     "maxErrorRate": 0.05, "maxTTFTP95Ratio": 2.0, "maxITLP95Ratio": 2.0},
     }
     return body
 
