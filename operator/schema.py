@@ -151,6 +151,8 @@ RUNTIME_SCHEMA = _obj(
             "gpusPerReplica must be a multiple of tensorParallelSize x dataParallelSize")],
 )
 
+# Every key `AnalysisSpec.from_dict` reads (analysis.py `_SPEC_KEYS`): a key missing here is
+# rejected by the operator's validation and pruned by a real API server (tests check both lists agree).
 ANALYSIS_FIELDS: dict[str, Any] = {
     "windowSeconds": _int("Metric window of each measurement.", minimum=10, maximum=3600),
     "intervalSeconds": _int("Time between measurements.", minimum=5, maximum=3600),
@@ -159,13 +161,21 @@ ANALYSIS_FIELDS: dict[str, Any] = {
     "failureLimit": _int("Consecutive failed measurements that abort the rollout.", minimum=1, maximum=100),
     "inconclusiveLimit": _int("Consecutive inconclusive measurements that pause for a human.",
                               minimum=1, maximum=100),
+    "initialDelaySeconds": _num("Delay before the first measurement (default: one interval).",
+                                minimum=0, maximum=3600),
     "maxErrorRate": _num(minimum=0, maximum=1),
+    "errorRateConfidence": _num("Judge maxErrorRate by a one-sided Wilson bound at this confidence "
+                                "(Inconclusive until the requests tell either way).", minimum=0.5, maximum=0.999),
+    "maxHTTPErrorRate": _num("Non-2xx share of http_requests_total{code} (a gateway's or sidecar's).",
+                             minimum=0, maximum=1),
     "maxTTFTP95Seconds": _num(minimum=0),
     "maxITLP95Seconds": _num(minimum=0),
     "maxE2EP95Seconds": _num(minimum=0),
     "maxQueueLength": _num(minimum=0),
+    "maxKVUsage": _num("Highest KV-cache usage of any canary replica in the window.", minimum=0, maximum=1),
     "maxTTFTP95Ratio": _num("Canary TTFT p95 over stable's, same window.", minimum=1),
     "maxITLP95Ratio": _num(minimum=1),
+    "maxE2EP95Ratio": _num(minimum=1),
     "maxErrorRateRatio": _num(minimum=1),
 }
 

@@ -47,6 +47,31 @@ def test_the_documented_example_is_valid():
     assert spec.validate(EXAMPLE) == []
 
 
+def test_every_analysis_field_the_operator_reads_is_in_the_crd():
+    """A field AnalysisSpec accepts but the CRD lacks is rejected by the operator ("unknown field")
+    and silently pruned by a real API server: the user's setting would never reach the analysis."""
+    from digital_worker.operator.analysis import _SPEC_KEYS, AnalysisSpec
+
+    assert set(schema.ANALYSIS_FIELDS) == set(_SPEC_KEYS)
+    every_field = {
+        "windowSeconds": 30, "intervalSeconds": 10, "initialDelaySeconds": 5, "minRequests": 40,
+        "successfulRuns": 2, "failureLimit": 2, "inconclusiveLimit": 3,
+        "maxErrorRate": 0.05, "errorRateConfidence": 0.9, "maxHTTPErrorRate": 0.01,
+        "maxTTFTP95Seconds": 2.0, "maxITLP95Seconds": 0.05, "maxE2EP95Seconds": 30.0,
+        "maxQueueLength": 16, "maxKVUsage": 0.95,
+        "maxTTFTP95Ratio": 1.5, "maxITLP95Ratio": 1.5, "maxE2EP95Ratio": 2.0, "maxErrorRateRatio": 2.0,
+    }
+    assert set(every_field) == set(_SPEC_KEYS)
+    body = copy.deepcopy(EXAMPLE)
+    body["spec"].setdefault("rollout", {})["analysis"] = dict(every_field)
+    body["spec"]["rollout"]["canary"] = {"steps": [{"setWeight": 20}, {"analysis": dict(every_field)}]}
+    assert spec.validate(body) == []
+    defaulted, _ = spec.normalize_spec(body["spec"])
+    for analysis in (defaulted["rollout"]["analysis"], defaulted["rollout"]["canary"]["steps"][1]["analysis"]):
+        parsed = AnalysisSpec.from_dict(analysis).to_dict()
+        assert {key: parsed[key] for key in every_field} == every_field
+
+
 def test_defaults_are_applied_like_the_api_server():
     minimal = {"model": {"name": "m", "source": "hf://org/repo"}}
     defaulted, problems = spec.normalize_spec(minimal)
