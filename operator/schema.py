@@ -71,8 +71,10 @@ def _arr(items: dict[str, Any], description: str = "", **kw: Any) -> dict[str, A
 
 
 def _int_or_percent(description: str, default: str) -> dict[str, Any]:
+    # `pattern` holds for the string form and `minimum` for the integer form (JSON Schema keywords
+    # apply to their own type only, on the API server as in spec.py).
     return {"x-kubernetes-int-or-string": True, "description": description, "default": default,
-            "pattern": r"^[0-9]+%?$"}
+            "pattern": r"^[0-9]+%?$", "minimum": 0}
 
 
 def _secret_ref(description: str) -> dict[str, Any]:
@@ -207,9 +209,12 @@ ROLLOUT_SCHEMA = _obj(
                 "trafficRouting": _obj({
                     "gatewayAPI": _obj({
                         "httpRoute": _str(pattern=DNS_LABEL_PATTERN, maxLength=63),
-                        "parentRef": _obj({"name": _str(maxLength=253), "namespace": _str(maxLength=63)},
+                        "parentRef": _obj({"name": _str(maxLength=253), "namespace": _str(maxLength=63),
+                                           "sectionName": _str("Listener of the Gateway to attach to.",
+                                                               maxLength=253)},
                                           required=["name"]),
-                    }, required=["httpRoute"]),
+                        "hostnames": _arr(_str(maxLength=253), "Hostnames the HTTPRoute matches.", maxItems=16),
+                    }, required=["httpRoute", "parentRef"]),
                 }, description="Empty: split by replica ratio on the shared Service."),
             },
         ),
@@ -235,7 +240,7 @@ AUTOSCALING_SCHEMA = _obj(
         "mode": _str("Off: spec.replicas rules. DryRun: decide and report only. Auto: act.",
                      enum=["Off", "DryRun", "Auto"], default="Off"),
         "minReplicas": _int(minimum=0, maximum=1000, default=1),
-        "maxReplicas": _int(minimum=1, maximum=1000, default=4),
+        "maxReplicas": _int(minimum=1, maximum=1000, default=8),
         "scaleToZero": _bool("Allow 0 replicas when idle (next request waits a cold start).", default=False),
         "intervalSeconds": _int("How often the autoscaler decides.", minimum=5, maximum=600, default=20),
         "targetRequestsPerReplica": _num("Starting estimate of req/s one replica sustains within the SLO.",
@@ -255,7 +260,7 @@ AUTOSCALING_SCHEMA = _obj(
                              default=0.9),
             "horizonSeconds": _int("Override the provisioning lead time.", minimum=0, maximum=86400),
             "seasonality": _str(enum=["auto", "none", "daily", "weekly"], default="auto"),
-            "refitIntervalSeconds": _int(minimum=60, maximum=604800, default=3600),
+            "refitIntervalSeconds": _int(minimum=60, maximum=604800, default=21600),
         }),
         "reactive": _obj({
             "queueLengthPerReplica": _num(minimum=0),
@@ -264,7 +269,7 @@ AUTOSCALING_SCHEMA = _obj(
         }, description="Thresholds that scale up at once whatever the forecast says."),
         "scaleDown": _obj({
             "stabilizationSeconds": _int(minimum=0, maximum=86400, default=300),
-            "maxStepReplicas": _int(minimum=1, maximum=1000, default=1),
+            "maxStepReplicas": _int(minimum=1, maximum=1000, default=2),
         }),
     },
     description="Forecast-driven autoscaling with a reactive safety net.",
@@ -277,7 +282,8 @@ FALLBACK_SCHEMA = _obj(
         "model": model_schema("The backup model served while the primary is unhealthy."),
         "replicas": _int(minimum=1, maximum=100, default=1),
         "gpusPerReplica": _int(minimum=1, maximum=64),
-        "gpuType": _str(maxLength=63),
+        "gpuType": _str("Node label digitalworker.io/gpu-type to schedule the backup on.",
+                        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", maxLength=63),
         "errorRateThreshold": _num("Primary error rate that trips the breaker.", minimum=0, maximum=1,
                                    default=0.5),
         "unhealthySeconds": _int("How long the primary must stay bad before traffic moves.", minimum=0,

@@ -52,6 +52,8 @@ def apply_defaults_and_check(value: Any, schema: dict[str, Any], path: str, prob
             return value
         if isinstance(value, str) and "pattern" in schema and not _regex(schema["pattern"]).search(value):
             problems.append(f"{path}: {value!r} does not match {schema['pattern']}")
+        if isinstance(value, int) and "minimum" in schema and value < schema["minimum"]:
+            problems.append(f"{path}: {value} is below the minimum {schema['minimum']}")
         return value
     expected = schema.get("type")
     if expected is not None and not _type_ok(value, expected):

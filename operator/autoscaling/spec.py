@@ -79,7 +79,9 @@ def parse_spec(raw: Mapping[str, Any] | None) -> AutoscalingSpec:
     if mode not in MODES:
         raise SpecError(f"{path}.mode must be one of {', '.join(MODES)}")
     min_replicas = int(_number(raw, "minReplicas", 1, path, 0))
-    max_replicas = int(_number(raw, "maxReplicas", max(8, min_replicas), path, 0))
+    # Defaults as in the CRD (schema.py AUTOSCALING_SCHEMA): a spec the API server defaulted and one
+    # read raw (the emulator applies no defaults) must mean the same.
+    max_replicas = int(_number(raw, "maxReplicas", 8, path, 0))
     if max_replicas < min_replicas:
         raise SpecError(f"{path}.maxReplicas must be at least minReplicas")
     slo = dict(raw.get("slo") or {})

@@ -72,6 +72,37 @@ def test_every_analysis_field_the_operator_reads_is_in_the_crd():
         assert {key: parsed[key] for key in every_field} == every_field
 
 
+def test_every_gateway_api_field_the_router_reads_is_in_the_crd():
+    from digital_worker.operator.traffic import router_from_settings
+
+    gateway = {"httpRoute": "chat", "hostnames": ["chat.example.com"],
+               "parentRef": {"name": "edge", "namespace": "infra", "sectionName": "https"}}
+    body = _with("spec.rollout.canary.trafficRouting", {"gatewayAPI": gateway})
+    assert spec.validate(body) == []
+    defaulted, _ = spec.normalize_spec(body["spec"])
+    router = router_from_settings(defaulted["rollout"]["canary"]["trafficRouting"], namespace="team-a",
+                                  stable_service="w", canary_service="w-canary")
+    assert router.hostnames == ("chat.example.com",)
+    assert (router.parent_ref.name, router.parent_ref.namespace, router.parent_ref.section_name) == \
+        ("edge", "infra", "https")
+
+
+@pytest.mark.parametrize("autoscaling", [
+    {},
+    {"mode": "Auto", "minReplicas": 2},
+    {"mode": "DryRun", "maxReplicas": 3, "forecast": {}, "scaleDown": {}, "slo": {"ttftP95Seconds": 1.5}},
+])
+def test_autoscaling_reads_the_same_spec_with_or_without_the_api_servers_defaults(autoscaling):
+    """The emulator stores specs as given; a real API server fills in the CRD's defaults first.
+    The autoscaler must decide the same either way."""
+    from digital_worker.operator.autoscaling.spec import parse_spec
+
+    raw = {"model": {"name": "m", "source": "hf://org/repo"}, "replicas": 2, "autoscaling": autoscaling}
+    defaulted, problems = spec.normalize_spec(raw)
+    assert problems == []
+    assert parse_spec(defaulted["autoscaling"]) == parse_spec(autoscaling)
+
+
 def test_defaults_are_applied_like_the_api_server():
     minimal = {"model": {"name": "m", "source": "hf://org/repo"}}
     defaulted, problems = spec.normalize_spec(minimal)
@@ -111,6 +142,10 @@ def _with(path: str, value):
     ("spec.runtime.memFractionStatic", 1.5, "above the maximum"),
     ("spec.replicas", 20, "within [minReplicas, maxReplicas]"),
     ("metadata.name", "Not_A_DNS_Label", "metadata.name"),
+    # Each of these passed validation and then failed in reconcile, where no user sees it.
+    ("spec.rollout.canary.maxSurge", -1, "below the minimum"),
+    ("spec.rollout.canary.trafficRouting", {"gatewayAPI": {"httpRoute": "chat"}}, "parentRef: required field"),
+    ("spec.fallback", {"model": {"name": "m", "source": "hf://org/m"}, "gpuType": "Bad Value!"}, "does not match"),
 ])
 def test_invalid_specs_are_named_precisely(path, value, expected):
     problems = spec.validate(_with(path, value))
