@@ -6,7 +6,8 @@ absolute (`maxTTFTP95Seconds: 2`) and relative to the stable revision over the s
 (`maxTTFTP95Ratio: 1.2`: canary p95 at most 1.2 x stable p95).
 
 Everything here is pure except `measure_run` at the bottom:
-- `judge_absolute` / `judge_relative` give one check's verdict,
+- `judge_absolute` / `judge_relative` give one check's verdict (`judge_rate_with_confidence` and
+  `judge_relative_with_confidence` when the spec asks for evidence either way),
 - `judge_run` gives one analysis run's verdict from all checks,
 - `evaluate(state, measurements, now, spec) -> (AnalysisResult, new_state)` folds a run into the
   `AnalysisState` (kept in `status.rollout.analysis`, so it survives an operator restart) and decides
@@ -31,14 +32,18 @@ from digital_worker.operator.metric_providers import (
     HTTP_ERROR_RATE,
     ITL_P95,
     KV_USAGE,
+    LATENCY_QUANTILES,
+    LOWER,
     QUEUE_LENGTH,
     REQUEST_COUNT,
     TTFT_P95,
+    UPPER,
     HttpErrorSource,
     LabelMatchers,
     Measurement,
     MetricProvider,
     MetricQuery,
+    bound_name,
     revision_queries,
 )
 
@@ -105,6 +110,11 @@ class AnalysisSpec:
     # point estimate: Failed only when confidently above the limit, Successful only when
     # confidently below it, Inconclusive in between (too few requests to tell). None: off.
     error_rate_confidence: float | None = None
+    # Judge the latency ratios (maxTTFTP95Ratio, maxITLP95Ratio, maxE2EP95Ratio) by confidence
+    # bounds of both revisions' p95 at this level: Failed only when the canary's lower bound is
+    # above the ratio times the stable's upper bound, Successful only when its upper bound is
+    # within the ratio times the stable's lower bound, Inconclusive in between. None: off.
+    latency_ratio_confidence: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AnalysisSpec":
@@ -166,6 +176,7 @@ _SPEC_KEYS: dict[str, str] = {
     "inconclusiveLimit": "inconclusive_limit",
     "successfulRuns": "successful_runs",
     "errorRateConfidence": "error_rate_confidence",
+    "latencyRatioConfidence": "latency_ratio_confidence",
 }
 _INTEGER_KEYS = {"minRequests", "failureLimit", "inconclusiveLimit", "successfulRuns"}
 _AT_LEAST_ONE_KEYS = {"failureLimit", "inconclusiveLimit", "successfulRuns"}
@@ -206,7 +217,7 @@ def _parse_spec_value(key: str, attribute: str, raw: Any) -> Any:
         return raw
     if key.endswith("Ratio") and raw <= 0:
         raise ValueError(f"analysis.{key}: must be greater than 0, got {raw!r}")
-    if key == "errorRateConfidence" and not 0.5 <= raw < 1:
+    if key in ("errorRateConfidence", "latencyRatioConfidence") and not 0.5 <= raw < 1:
         raise ValueError(f"analysis.{key}: must be in [0.5, 1), e.g. 0.9, got {raw!r}")
     return float(raw)
 
@@ -347,6 +358,42 @@ def judge_relative(
     )
 
 
+def judge_relative_with_confidence(
+    definition: CheckDefinition,
+    canary: Mapping[str, MeasurementLike],
+    reference: Mapping[str, MeasurementLike],
+    confidence: float,
+) -> CheckResult:
+    """A latency ratio that needs evidence either way, from each revision's p95 and its
+    confidence bounds (`bound_name`): Failed when even the canary's lower bound exceeds the ratio
+    times the stable's upper bound, Successful when even the canary's upper bound is within the
+    ratio times the stable's lower bound, Inconclusive otherwise (too few requests to tell)."""
+    names = (definition.metric, bound_name(definition.metric, LOWER), bound_name(definition.metric, UPPER))
+    canary_values = [_as_value(canary.get(name)) for name in names]
+    stable_values = [_as_value(reference.get(name)) for name in names]
+    point = canary_values[0][0]
+    for revision, values in (("canary", canary_values), ("stable", stable_values)):
+        problem = next((problem for _, problem in values if problem is not None), None)
+        if problem is not None:
+            return CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE, definition.threshold,
+                               point, stable_values[0][0], f"{definition.metric}: {revision} {problem}")
+    (canary_point, _), (canary_low, _), (canary_high, _) = canary_values
+    (stable_point, _), (stable_low, _), (stable_high, _) = stable_values
+    ratio = definition.threshold
+    if canary_low > ratio * max(stable_high, LATENCY_BASELINE_FLOOR_SECONDS):
+        verdict, relation = Verdict.FAILED, ">"
+    elif canary_high <= ratio * max(stable_low, LATENCY_BASELINE_FLOOR_SECONDS):
+        verdict, relation = Verdict.SUCCESSFUL, "<="
+    else:
+        verdict, relation = Verdict.INCONCLUSIVE, "not clearly within"
+    return CheckResult(
+        definition.key, definition.metric, verdict, definition.threshold, canary_point, stable_point,
+        f"{definition.metric} canary {_fmt(canary_point)} ({confidence:.0%} bounds {_fmt(canary_low)}.."
+        f"{_fmt(canary_high)}) / stable {_fmt(stable_point)} ({_fmt(stable_low)}..{_fmt(stable_high)}) = "
+        f"{canary_point / max(stable_point, LATENCY_BASELINE_FLOOR_SECONDS):.2f}x {relation} {_fmt(ratio)}x",
+    )
+
+
 @dataclass(frozen=True)
 class RunMeasurements:
     """One run's numbers: measurement name -> Measurement (or a bare number) per revision."""
@@ -404,6 +451,7 @@ def judge_run(
         reference, reference_name, stable_gate = baseline, "baseline", None
     results = []
     for definition in definitions:
+        result = None  # set by the relative branches, then named after its reference
         if canary_gate is not None:
             results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
                                        definition.threshold, message=f"canary: {canary_gate}"))
@@ -416,11 +464,15 @@ def judge_run(
         elif stable_gate is not None:
             results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
                                        definition.threshold, message=f"stable: {stable_gate}"))
+        elif spec.latency_ratio_confidence is not None and definition.metric in LATENCY_QUANTILES:
+            result = judge_relative_with_confidence(definition, measurements.canary, reference,
+                                                    spec.latency_ratio_confidence)
         else:
             result = judge_relative(definition, measurements.canary.get(definition.metric),
                                     reference.get(definition.metric))
-            if reference_name == "baseline":
-                result = replace(result, message=result.message.replace(" / stable ", " / stable before the step "))
+        if result is not None and reference_name == "baseline":
+            result = replace(result, message=result.message.replace(" / stable ", " / stable before the step "))
+        if result is not None:
             results.append(result)
     checks = tuple(results)
     failed = [check for check in checks if check.verdict is Verdict.FAILED]
@@ -710,15 +762,20 @@ def run_queries(
     http_errors: HttpErrorSource | None = None,
 ) -> tuple[dict[str, MetricQuery], dict[str, MetricQuery]]:
     """Only the queries the enabled checks need: (canary queries, stable queries)."""
-    needed_canary = {REQUEST_COUNT} | {check.metric for check in spec.checks()}
-    needed_stable = {REQUEST_COUNT} | {check.metric for check in spec.checks() if check.relative}
+    bounds = set()
+    if spec.latency_ratio_confidence is not None:
+        bounds = {bound_name(check.metric, side) for check in spec.checks()
+                  if check.relative and check.metric in LATENCY_QUANTILES for side in (LOWER, UPPER)}
+    needed_canary = {REQUEST_COUNT} | {check.metric for check in spec.checks()} | bounds
+    needed_stable = {REQUEST_COUNT} | {check.metric for check in spec.checks() if check.relative} | bounds
     if spec.max_http_error_rate is not None and http_errors is None:
         http_errors = HttpErrorSource()
-    canary_all = revision_queries(canary_matchers, spec.window_seconds, http_errors)
+    confidence = spec.latency_ratio_confidence
+    canary_all = revision_queries(canary_matchers, spec.window_seconds, http_errors, confidence=confidence)
     canary = {name: query for name, query in canary_all.items() if name in needed_canary}
     stable: dict[str, MetricQuery] = {}
     if spec.needs_stable() and stable_matchers is not None:
-        stable_all = revision_queries(stable_matchers, spec.window_seconds, http_errors)
+        stable_all = revision_queries(stable_matchers, spec.window_seconds, http_errors, confidence=confidence)
         stable = {name: query for name, query in stable_all.items() if name in needed_stable}
     return canary, stable
 

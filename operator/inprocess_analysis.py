@@ -9,11 +9,12 @@ Prometheus to ask, yet a canary must still be judged on its numbers. Two parts:
   `digitalworker_io_revision` matchers, `window_seconds`, `quantile`), never the PromQL. The numbers
   mean what the PromQL means: counters and histogram buckets are increases between scrapes inside
   the window, per pod (a counter that went down is a restarted replica, counted from zero like
-  Prometheus does), summed over the revision's pods; quantiles come from the summed bucket
-  increases; the queue is the worst pod's average and KV usage the worst pod's maximum over the
-  window. Missing data is never a pass: a revision with no pod scraped twice in the window is "no
-  data", an error rate of 0/0 is "no number", a worker not scraped lately or a hand-written query
-  is a provider error; all of them make the check Inconclusive.
+  Prometheus does), summed over the revision's pods; quantiles (and, for `latencyRatioConfidence`,
+  their bounds) come from the summed bucket increases; the queue is the worst pod's average and KV
+  usage the worst pod's maximum over the window. Missing data is never a pass: a revision with no
+  pod scraped twice in the window is "no data", an error rate of 0/0 is "no number", a worker not
+  scraped lately or a hand-written query is a provider error; all of them make the check
+  Inconclusive.
 - `RolloutScraper`, ticked by the operator's periodic loop (periodic.py `run_periodic`, when no
   Prometheus URL is set): it scrapes only workers whose rollout is Progressing, each at a cadence
   derived from its analysis window (a fifth of the shortest window, 1 to 10 s), and forgets a
@@ -59,15 +60,20 @@ from digital_worker.operator.metric_providers import (
     INSTANCE_LABEL,
     ITL_P95,
     KV_USAGE,
+    LATENCY_QUANTILES,
+    LOWER,
     NAMESPACE_LABEL,
     QUEUE_LENGTH,
     REQUEST_COUNT,
     REQUEST_RATE,
     REVISION_LABEL,
     TTFT_P95,
+    UPPER,
     Measurement,
     MetricProvider,
     MetricQuery,
+    bound_name,
+    bound_quantile,
 )
 
 logger = logging.getLogger("digital_worker.operator")
@@ -77,8 +83,12 @@ WorkerKey = tuple[str, str]  # (namespace, instance)
 
 _COUNTERS = {REQUEST_COUNT, REQUEST_RATE, ERROR_RATE}
 _HISTOGRAMS = {TTFT_P95: "ttft_buckets", ITL_P95: "itl_buckets", E2E_P95: "e2e_buckets"}
+# What a quantile's confidence bounds count as observations (metric_providers `_SAMPLE_SIZE_HISTOGRAM`).
+_SAMPLE_SIZE_BUCKETS = {TTFT_P95: "ttft_buckets", ITL_P95: "e2e_buckets", E2E_P95: "e2e_buckets"}
+_BOUNDS = {bound_name(measurement, side): (measurement, side)
+           for measurement in LATENCY_QUANTILES for side in (LOWER, UPPER)}
 _GAUGES = {QUEUE_LENGTH, KV_USAGE}
-SUPPORTED_MEASUREMENTS = frozenset(_COUNTERS | set(_HISTOGRAMS) | _GAUGES)
+SUPPORTED_MEASUREMENTS = frozenset(_COUNTERS | set(_HISTOGRAMS) | set(_BOUNDS) | _GAUGES)
 
 DEFAULT_WINDOW_SECONDS = 60.0
 
@@ -117,12 +127,21 @@ def _buckets_increase(span: Sequence[ScrapeSample], attribute: str) -> dict[floa
     return total
 
 
+def _summed_buckets(spans: Sequence[Sequence[ScrapeSample]], attribute: str) -> dict[float, float]:
+    summed: dict[float, float] = {}
+    for span in spans:
+        for bound, count in _buckets_increase(span, attribute).items():
+            summed[bound] = summed.get(bound, 0.0) + count
+    return summed
+
+
 def revision_measurement(
     pods: Mapping[str, Sequence[ScrapeSample]],
     measurement: str,
     window_seconds: float,
     at: float,
     quantile: float = 0.95,
+    confidence: float = 0.9,
 ) -> tuple[float | None, int]:
     """(value, how many series it was computed from) for one revision over (at - window, at].
 
@@ -141,12 +160,14 @@ def revision_measurement(
     spans = [span for span in (_counter_span(samples, start, at) for samples in pods.values()) if span]
     if not spans:
         return None, 0
-    if measurement in _HISTOGRAMS:
-        summed: dict[float, float] = {}
-        for span in spans:
-            for bound, count in _buckets_increase(span, _HISTOGRAMS[measurement]).items():
-                summed[bound] = summed.get(bound, 0.0) + count
-        value = histogram_quantile(quantile, list(summed.items()))
+    if measurement in _HISTOGRAMS or measurement in _BOUNDS:
+        base, side = _BOUNDS.get(measurement, (measurement, None))
+        summed = _summed_buckets(spans, _HISTOGRAMS[base])
+        level = quantile
+        if side is not None:
+            observations = _summed_buckets(spans, _SAMPLE_SIZE_BUCKETS[base]).get(math.inf, 0.0)
+            level = bound_quantile(quantile, observations, confidence, side)
+        value = histogram_quantile(level, list(summed.items()))
         return (value if value is not None and math.isfinite(value) else None), 1
     finished = aborted = rate = 0.0
     for span in spans:
@@ -229,7 +250,8 @@ class InProcessAnalysisProvider(MetricProvider):
             pods = {pod: list(samples) for pod, samples in self._samples.get((namespace, instance, revision), {}).items()}
         if last is None or last < at - window:
             return Measurement(query, None, 0, f"no in-process scrape of {namespace}/{instance} in the last {window:g}s")
-        value, series = revision_measurement(pods, query.measurement, window, at, query.quantile or 0.95)
+        value, series = revision_measurement(pods, query.measurement, window, at, query.quantile or 0.95,
+                                             query.confidence or 0.9)
         return Measurement(query, value, series)
 
 

@@ -17,6 +17,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Mapping
 
 # Metric names (without the `sglang:`/`sglang_` prefix), as in SGLang's metrics/collector.py.
@@ -38,6 +39,39 @@ ITL_P95 = "itl_p95"
 E2E_P95 = "e2e_p95"
 QUEUE_LENGTH = "queue_length"
 KV_USAGE = "kv_usage"
+
+# Confidence bounds of a latency p95 (`latencyRatioConfidence`): "<measurement>_lower" / "_upper".
+LOWER, UPPER = "lower", "upper"
+LATENCY_QUANTILES = (TTFT_P95, ITL_P95, E2E_P95)
+
+
+def bound_name(measurement: str, side: str) -> str:
+    """The measurement holding one confidence bound of a latency quantile, e.g. `ttft_p95_upper`."""
+    return f"{measurement}_{side}"
+
+
+# How many independent observations a quantile's bounds rest on: one TTFT and one end-to-end
+# latency per request; inter-token latencies within one request move together, so ITL counts its
+# requests (the end-to-end histogram's count), never its tokens, which would overstate the evidence.
+_SAMPLE_SIZE_HISTOGRAM = {TTFT_P95: TTFT_HISTOGRAM, ITL_P95: E2E_HISTOGRAM, E2E_P95: E2E_HISTOGRAM}
+_QUANTILE_HISTOGRAM = {TTFT_P95: TTFT_HISTOGRAM, ITL_P95: ITL_HISTOGRAM, E2E_P95: E2E_HISTOGRAM}
+
+
+def bound_quantile(quantile: float, observations: float, confidence: float, side: str) -> float:
+    """The quantile level whose empirical value bounds the true `quantile` from below (`side`
+    LOWER) or above (UPPER), each side holding with probability `confidence`.
+
+    Distribution-free: the rank of the true quantile among n observations is Binomial(n, q), here
+    in its normal approximation, so the bound is the empirical quantile at
+    q -/+ z * sqrt(q (1 - q) / n), clamped to [0, 1]. Few observations push the upper bound to
+    the largest one: p95 of 20 requests is no better known than their maximum."""
+    if observations <= 0:
+        return 0.0 if side == LOWER else 1.0
+    z = NormalDist().inv_cdf(confidence)
+    spread = z * math.sqrt(quantile * (1.0 - quantile) / observations)
+    level = quantile - spread if side == LOWER else quantile + spread
+    return min(1.0, max(0.0, level))
+
 
 # Labels the operator makes Prometheus attach to every sample scraped from a DigitalWorker's pods
 # (relabelled from the pod labels digitalworker.io/revision and digitalworker.io/instance).
@@ -73,6 +107,8 @@ class MetricQuery:
     matchers: tuple[tuple[str, str, str], ...] = ()
     window_seconds: float | None = None
     quantile: float | None = None
+    # Bound measurements (`bound_name`): the confidence each side holds with.
+    confidence: float | None = None
 
     def matcher_values(self) -> dict[str, str] | None:
         """The equality matchers as {label: value}; None when any matcher is not `=`."""
@@ -224,6 +260,22 @@ def histogram_quantile_query(
     return f"histogram_quantile({quantile:g}, sum by (le) (rate({buckets}[{_window(window_seconds)}])))"
 
 
+def histogram_quantile_bound_query(
+    measurement: str, matchers: LabelMatchers, window_seconds: float, quantile: float, confidence: float, side: str
+) -> str:
+    """`bound_quantile` in PromQL: the histogram quantile at q -/+ z sqrt(q (1 - q) / n), with n the
+    observations in the window (`_SAMPLE_SIZE_HISTOGRAM`). No observations: NaN, Inconclusive."""
+    if not 0.0 < quantile < 1.0 or not 0.5 <= confidence < 1.0:
+        raise ValueError(f"quantile must be in (0, 1) and confidence in [0.5, 1), got {quantile}, {confidence}")
+    window = _window(window_seconds)
+    buckets = sglang_selector(f"{_QUANTILE_HISTOGRAM[measurement]}_bucket", matchers)
+    count = counter_growth(sglang_selector(f"{_SAMPLE_SIZE_HISTOGRAM[measurement]}_count", matchers), window)
+    z = NormalDist().inv_cdf(confidence)
+    sign = "-" if side == LOWER else "+"
+    level = f"scalar(clamp({quantile:g} {sign} {z:.6g} * sqrt({quantile * (1 - quantile):.6g} / {count}), 0, 1))"
+    return f"histogram_quantile({level}, sum by (le) (rate({buckets}[{window}])))"
+
+
 def gauge_average_query(gauge: str, matchers: LabelMatchers, window_seconds: float) -> str:
     """Per-replica gauge averaged over the window; the worst replica of the revision.
 
@@ -249,8 +301,10 @@ def revision_queries(
     window_seconds: float,
     http_errors: HttpErrorSource | None = None,
     quantile: float = 0.95,
+    confidence: float | None = None,
 ) -> dict[str, MetricQuery]:
-    """Every analysis measurement for one revision over one window, keyed by measurement name."""
+    """Every analysis measurement for one revision over one window, keyed by measurement name;
+    with `confidence`, also both bounds of each latency quantile (`bound_name`)."""
     promql = {
         REQUEST_COUNT: request_count_query(matchers, window_seconds),
         REQUEST_RATE: request_rate_query(matchers, window_seconds),
@@ -266,10 +320,19 @@ def revision_queries(
             matchers, window_seconds, http_errors.metric, http_errors.status_label
         )
     structured = matcher_triples(matchers)
-    return {name: MetricQuery(name, text, measurement=name, matchers=structured,
-                              window_seconds=float(window_seconds),
-                              quantile=quantile if name in (TTFT_P95, ITL_P95, E2E_P95) else None)
-            for name, text in promql.items()}
+    queries = {name: MetricQuery(name, text, measurement=name, matchers=structured,
+                                 window_seconds=float(window_seconds),
+                                 quantile=quantile if name in LATENCY_QUANTILES else None)
+               for name, text in promql.items()}
+    if confidence is not None:
+        for measurement in LATENCY_QUANTILES:
+            for side in (LOWER, UPPER):
+                name = bound_name(measurement, side)
+                text = histogram_quantile_bound_query(measurement, matchers, window_seconds, quantile, confidence, side)
+                queries[name] = MetricQuery(name, text, measurement=name, matchers=structured,
+                                            window_seconds=float(window_seconds), quantile=quantile,
+                                            confidence=confidence)
+    return queries
 
 
 # ---------------------------------------------------------------- parsing Prometheus answers

@@ -179,6 +179,9 @@ ANALYSIS_FIELDS: dict[str, Any] = {
     "maxITLP95Ratio": _num(minimum=1),
     "maxE2EP95Ratio": _num(minimum=1),
     "maxErrorRateRatio": _num(minimum=1),
+    "latencyRatioConfidence": _num("Judge the latency ratios by confidence bounds of both p95s at this "
+                                   "confidence (Inconclusive until the requests tell either way).",
+                                   minimum=0.5, maximum=0.999),
 }
 
 

@@ -60,6 +60,7 @@ def test_every_analysis_field_the_operator_reads_is_in_the_crd():
         "maxTTFTP95Seconds": 2.0, "maxITLP95Seconds": 0.05, "maxE2EP95Seconds": 30.0,
         "maxQueueLength": 16, "maxKVUsage": 0.95,
         "maxTTFTP95Ratio": 1.5, "maxITLP95Ratio": 1.5, "maxE2EP95Ratio": 2.0, "maxErrorRateRatio": 2.0,
+        "latencyRatioConfidence": 0.9,
     }
     assert set(every_field) == set(_SPEC_KEYS)
     body = copy.deepcopy(EXAMPLE)

@@ -40,13 +40,17 @@ from digital_worker.operator.metric_providers import (
     REQUEST_COUNT,
     REQUEST_RATE,
     TTFT_P95,
+    LOWER,
+    UPPER,
     HttpErrorSource,
     PrometheusProvider,
+    bound_name,
     revision_queries,
 )
 from digital_worker.runtime.sglang_metrics import E2E_BUCKETS, INTER_TOKEN_BUCKETS, TTFT_BUCKETS  # SGLang's bounds
 
 WINDOW_SECONDS = 10
+TTFT_P95_LOWER, TTFT_P95_UPPER = bound_name(TTFT_P95, LOWER), bound_name(TTFT_P95, UPPER)
 LABELS = ["model_name", "namespace", "digitalworker_io_instance", "digitalworker_io_revision"]
 
 
@@ -279,6 +283,25 @@ def test_analysis_against_real_prometheus(fleet):
     assert by_name["maxTTFTP95Ratio"].value / by_name["maxTTFTP95Ratio"].baseline > 1.5
     assert by_name["maxITLP95Ratio"].verdict is Verdict.SUCCESSFUL
     assert result.action is Action.ABORT
+
+    # latencyRatioConfidence: the bounds of each p95 come from PromQL too, and the verdicts hold
+    # (~400 requests per revision in the window: narrow bounds, inside the one bucket).
+    bounded = AnalysisSpec.from_dict({**spec.to_dict(), "latencyRatioConfidence": 0.9})
+    run = measure_run(provider, bounded, matchers("healthy"), matchers("stable"))
+    for numbers in (run.canary, run.stable):
+        low, point, high = (numbers[name].value for name in (TTFT_P95_LOWER, TTFT_P95, TTFT_P95_UPPER))
+        assert 0.2 < low < point < high <= 0.4
+    result, _ = evaluate(AnalysisState.start(0.0), run, 5.0, bounded)
+    assert result.action is Action.PASS, result.message
+    assert "90% bounds" in {check.name: check for check in result.checks}["maxTTFTP95Ratio"].message
+    run = measure_run(provider, bounded, matchers("slow"), matchers("stable"))
+    result, _ = evaluate(AnalysisState.start(0.0), run, 5.0, bounded)
+    assert {check.name: check for check in result.checks}["maxTTFTP95Ratio"].verdict is Verdict.FAILED
+    assert result.action is Action.ABORT
+    state = AnalysisState.start(0.0, baseline=measure_baseline(provider, bounded, matchers("stable")))
+    result, _ = evaluate(state, measure_run(provider, bounded, matchers("slow"), matchers("idle")), 5.0, bounded)
+    ratio = {check.name: check for check in result.checks}["maxTTFTP95Ratio"]
+    assert ratio.verdict is Verdict.FAILED and "before the step" in ratio.message
 
     # The canary took all traffic (the stable's series are idle now): relative checks fall back
     # to the stable's numbers captured before the step.
