@@ -61,6 +61,12 @@ def test_deployment_has_gpus_probes_security_and_owner():
     assert pod["nodeSelector"] == {"digitalworker.io/gpu-type": "nvidia-h100-80gb"}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert pod["initContainers"][0]["command"][:3] == ["digital-worker", "runtime", "fetch"]
+    # The pod runs our launcher, so the documented example must run an image that has it (SGLang's
+    # own image does not: it used to be the example's, and its pods could never have started).
+    from digital_worker.runtime.contract import DEFAULT_IMAGE
+
+    assert container["command"][:3] == ["digital-worker", "runtime", "launch"]
+    assert container["image"] == pod["initContainers"][0]["image"] == DEFAULT_IMAGE
 
 
 def test_api_key_only_ever_travels_as_a_secret_reference():
