@@ -121,7 +121,7 @@ def scenario(replicas: int, weight: int, interval: int, error_rate: float, rate:
     prometheus.start()
     try:
         with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", NAMESPACE)) as cluster, \
-                OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
+                OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
             kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
             kube.create(body)
             while ((kube.get(api.API_VERSION, api.PLURAL, NAMESPACE, name).get("status") or {}).get("phase")) != "Ready":

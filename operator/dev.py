@@ -118,7 +118,7 @@ def serve(*, manifest: str | None, kubeconfig_out: str, duration: float | None, 
         console.print(f"[bold]Emulated Kubernetes API[/] at {cluster.url}")
         console.print(f"kubeconfig: [cyan]{cluster.kubeconfig_path}[/]  (try: kubectl --kubeconfig "
                       f"{cluster.kubeconfig_path} get dw -A)")
-        with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=10):
+        with OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=10):
             console.print("[bold]Operator[/] running (kopf, real handlers)")
             client = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
             apply_worker(client, body)
@@ -271,13 +271,14 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
         if launcher is not None:
             stack.callback(launcher.stop)
         cluster = stack.enter_context(EmulatedCluster(kubeconfig=Path(kubeconfig_out).resolve(),
-                                                      namespaces=("default", namespace), runtime=runtime))
+                                                      namespaces=("default", namespace), runtime=runtime,
+                                                      fail_on_forbidden=False))
         console.print(f"[bold]Emulated Kubernetes API[/] at {cluster.url}; kubeconfig: [cyan]{cluster.kubeconfig_path}[/]")
         gpu_agents, gpu_unavailable = start_gpu_agents(cluster)
         if gpu_agents is not None and hasattr(gpu_agents, "stop"):
             stack.callback(gpu_agents.stop)
         env = {"DW_PROMETHEUS_URL": prometheus_url} if prometheus_url else {}
-        stack.enter_context(OperatorThread(str(cluster.kubeconfig_path), resync_seconds=10, env=env))
+        stack.enter_context(OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=10, env=env))
         client = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         console.print("[bold]Operator[/] running (kopf, real handlers); metrics: " +
                       (f"Prometheus at {prometheus_url}" if prometheus_url else "in-process scraper (no Prometheus)"))
@@ -312,8 +313,12 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
             results = tour.run(steps)
         paths = write_report(tour.dump(), report_dir)
         console.print(f"Report: [cyan]{Path(report_dir).resolve()}[/] ({', '.join(p.name for p in paths)})")
-        ok = all(r.ok for r in results) and len(results) == len(steps)
-        failed = any(not r.ok and not r.interrupted for r in results)
+        # The operator ran as its ServiceAccount: a refused request is a gap in the RBAC we ship.
+        refused = sorted(set(cluster.forbidden))
+        if refused:
+            console.print("[bold red]RBAC[/]: the operator's ClusterRole refused " + "; ".join(refused))
+        ok = all(r.ok for r in results) and len(results) == len(steps) and not refused
+        failed = any(not r.ok and not r.interrupted for r in results) or bool(refused)
         state = "finished" if ok else f"stopped after --duration {duration:g}s" if timed_out.is_set() else \
             "interrupted" if tour.interrupted else "FAILED"
         console.print(f"Tour {state} in {time.monotonic() - started:.0f}s: " +

@@ -96,6 +96,47 @@ def _selector_matches(selector: str | None, labels: dict[str, str]) -> bool:
     return True
 
 
+# --- RBAC, as the API server's authorizer applies it to one identity ---------------------------
+
+# The identity the operator's kubeconfig presents (`EmulatedCluster.operator_kubeconfig_path`).
+OPERATOR_TOKEN = "digital-worker-operator"
+OPERATOR_USER = "system:serviceaccount:digital-worker:digital-worker-operator"
+
+RbacRules = tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # (apiGroup, resources, verbs)
+
+_VERB_BY_METHOD = {"POST": "create", "PUT": "update", "PATCH": "patch"}
+
+
+def request_attributes(method: str, path: str, query: dict[str, str]) -> tuple[str, str, str, str | None] | None:
+    """(verb, apiGroup, resource[/subresource], namespace) of a request, as RBAC sees it; None for
+    non-resource URLs (discovery, /version), which every authenticated identity may read."""
+    parts = [part for part in path.split("/") if part]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if not rest:
+        return None
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) >= 3 and not (len(rest) == 3 and rest[2] in ("status", "finalize")):
+        namespace, rest = rest[1], rest[2:]
+    resource, name, subresource = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
+    if method == "GET":
+        verb = "get" if name else ("watch" if query.get("watch") in ("true", "1") else "list")
+    elif method == "DELETE":
+        verb = "delete" if name else "deletecollection"
+    else:
+        verb = _VERB_BY_METHOD.get(method, method.lower())
+    return verb, group, f"{resource}/{subresource}" if subresource else resource, namespace
+
+
+def rbac_allows(rules: RbacRules, verb: str, group: str, resource: str) -> bool:
+    return any(group == rule_group and resource in resources and verb in verbs
+               for rule_group, resources, verbs in rules)
+
+
 class _DirectDispatch(kmock.RawHandler):
     """Serve plain Kubernetes verbs without kmock's reaction matching, unless a test added reactions.
 
@@ -140,6 +181,11 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectDispatch):
     _by_resource: dict[Any, dict[tuple[str | None, str], Any]] = attrs.field(factory=dict, init=False)
 
     _builtin_payloads: int = attrs.field(default=0, init=False)
+    # bearer token -> (user, RBAC rules) for identities the API checks, as a real cluster checks a
+    # ServiceAccount; other tokens (the developer's, the tests' clients) are cluster admins.
+    authorizations: dict[str, tuple[str, RbacRules]] = attrs.field(factory=dict, init=False)
+    # Every request refused by RBAC, as "user: verb group/resource in namespace".
+    forbidden: list[str] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -152,11 +198,38 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectDispatch):
             subresources={"status", "scale"}, shortnames=set(api.SHORT_NAMES), categories={"all", "ai"})
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest):  # type: ignore[override]
+        refusal = self._authorize(raw_request)
+        if refusal is not None:
+            return refusal
         match = _NAMESPACES_PATH.match(raw_request.rel_url.path)
         if match:
             path = f"/api/v1/{NAMESPACES_PLURAL}" + (match.group(1) or "")
             raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_path(path))
         return await super().__call__(raw_request)
+
+    def _authorize(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.Response | None:
+        """403 Forbidden, worded as the API server words it, when a checked identity lacks the rule."""
+        if not self.authorizations:
+            return None
+        token = raw_request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        identity = self.authorizations.get(token)
+        if identity is None:
+            return None
+        attributes = request_attributes(raw_request.method, raw_request.rel_url.path, dict(raw_request.rel_url.query))
+        if attributes is None:
+            return None
+        user, rules = identity
+        verb, group, resource, namespace = attributes
+        if rbac_allows(rules, verb, group, resource):
+            return None
+        scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+        message = f'{resource} is forbidden: User "{user}" cannot {verb} resource "{resource}" ' \
+                  f'in API group "{group}"{scope}'
+        self.forbidden.append(f"{user}: {verb} {group or 'core'}/{resource}" + (f" in {namespace}" if namespace else ""))
+        logger.warning("emulated API refused: %s", message)
+        status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                  "message": message, "reason": "Forbidden", "code": 403}
+        return aiohttp.web.Response(status=403, body=json.dumps(status).encode(), content_type="application/json")
 
     # --- request pre-processing: what the real API server adds or refuses -----------------------
 
@@ -672,8 +745,20 @@ class EmulatedCluster:
     def __init__(self, *, kubeconfig: str | os.PathLike[str] | None = None, nodes: list[SimulatedNode] | None = None,
                  runtime: PodRuntime | None = None, pod_startup_seconds: float = 0.5,
                  pod_simulator: bool = True, namespaces: tuple[str, ...] = ("default",),
-                 install_crd: bool = True, port: int | None = None) -> None:
+                 install_crd: bool = True, port: int | None = None,
+                 operator_rbac: RbacRules | None = None, fail_on_forbidden: bool = True) -> None:
         self._kubeconfig_arg = kubeconfig
+        # The operator connects with `operator_kubeconfig_path`, as its ServiceAccount, and the API
+        # refuses what these rules (default: the ClusterRole the stacks install) do not grant.
+        if operator_rbac is None:
+            from digital_worker.operator.deploy import OPERATOR_RBAC_RULES
+
+            operator_rbac = OPERATOR_RBAC_RULES
+        self.operator_rbac = operator_rbac
+        # Leaving the `with` block with refused requests on record raises: the operator would have
+        # failed the same way on a real cluster. `digital-worker dev` reports them instead.
+        self.fail_on_forbidden = fail_on_forbidden
+        self.operator_kubeconfig_path: Path | None = None
         self.nodes = nodes if nodes is not None else [SimulatedNode(f"gpu-node-{i}") for i in range(1, 5)]
         self.runtime = runtime
         self.pod_startup_seconds = pod_startup_seconds
@@ -696,8 +781,16 @@ class EmulatedCluster:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if self.fail_on_forbidden and exc_type is None and self.forbidden:
+            raise RuntimeError("the emulated API refused the operator requests its RBAC does not grant "
+                               "(operator/deploy.py OPERATOR_RBAC_RULES): " + "; ".join(sorted(set(self.forbidden))))
+
+    @property
+    def forbidden(self) -> list[str]:
+        """Requests refused by RBAC so far (see `ClusterEmulator.forbidden`)."""
+        return list(self.emulator.forbidden) if self.emulator is not None else []
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name="emulated-cluster", daemon=True)
@@ -729,6 +822,7 @@ class EmulatedCluster:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         emulator = ClusterEmulator()
+        emulator.authorizations[OPERATOR_TOKEN] = (OPERATOR_USER, tuple(self.operator_rbac))
         self.emulator = emulator
         async with emulator, kmock.Server(emulator, port=self.port) as server:
             self.url = str(server.url).rstrip("/")
@@ -787,11 +881,15 @@ class EmulatedCluster:
         else:
             self.kubeconfig_path = Path(self._kubeconfig_arg)
             self.kubeconfig_path.parent.mkdir(parents=True, exist_ok=True)
-        config = {
+        self.kubeconfig_path.write_text(yaml.safe_dump(self._kubeconfig("developer", "emulated-cluster")))
+        self.operator_kubeconfig_path = self.kubeconfig_path.with_name(self.kubeconfig_path.name + ".operator")
+        self.operator_kubeconfig_path.write_text(yaml.safe_dump(self._kubeconfig(OPERATOR_USER, OPERATOR_TOKEN)))
+
+    def _kubeconfig(self, user: str, token: str) -> dict[str, Any]:
+        return {
             "apiVersion": "v1", "kind": "Config", "current-context": "digital-worker-dev",
             "clusters": [{"name": "digital-worker-dev", "cluster": {"server": self.url}}],
-            "users": [{"name": "developer", "user": {"token": "emulated-cluster"}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": "digital-worker-dev",
-                          "context": {"cluster": "digital-worker-dev", "user": "developer", "namespace": "default"}}],
+                          "context": {"cluster": "digital-worker-dev", "user": user, "namespace": "default"}}],
         }
-        self.kubeconfig_path.write_text(yaml.safe_dump(config))

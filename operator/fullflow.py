@@ -97,7 +97,7 @@ def run_full_flow(*, manifest: str | None = None, model: str | None = None, api_
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the report says what matters; kopf's warnings are noise here
     with EmulatedCluster(namespaces=("default", namespace), runtime=SimulatedSglangPods()) as cluster:
         record("cluster", True, f"emulated Kubernetes API at {cluster.url}, CRD installed")
-        with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=10, log_level=logging.ERROR):
+        with OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=10, log_level=logging.ERROR):
             record("operator", True, "the real operator (kopf) is running")
             client = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
             apply_worker(client, body)

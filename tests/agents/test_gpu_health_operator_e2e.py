@@ -43,7 +43,7 @@ def test_operator_replaces_the_replica_on_a_faulty_gpu(tmp_path, prometheus):
 
     with EmulatedCluster(nodes=[SimulatedNode(n, gpus=4) for n in NODES], namespaces=("default", NAMESPACE),
                          pod_startup_seconds=0.2) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5,
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5,
                            env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(body)

@@ -28,7 +28,7 @@ def running_worker():
 
     body = yaml.safe_load(bundled_example())
     with EmulatedCluster(namespaces=("default", "ai"), pod_startup_seconds=0.2) as cluster:
-        with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2):
+        with OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=2):
             client = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
             apply_worker(client, copy.deepcopy(body))
             ready = wait_for_phase(client, "ai", "support-bot", {"Ready"}, 60)

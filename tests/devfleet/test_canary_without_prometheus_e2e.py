@@ -50,7 +50,7 @@ def test_analysis_without_prometheus_aborts_a_bad_canary_and_passes_a_good_one()
     runtime = SimulatedSglangPods()
     runtime.inject(bad_revision, error_rate=0.3)
     with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", NAMESPACE)) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": ""}):
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": ""}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(bad)
         kube.create(good)

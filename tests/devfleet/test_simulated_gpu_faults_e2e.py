@@ -42,7 +42,7 @@ def run_fault_story(prometheus=None, ecc: bool = False) -> None:
     env = {"DW_PROMETHEUS_URL": prometheus.url if prometheus else ""}
     with EmulatedCluster(nodes=[SimulatedNode(n, gpus=4) for n in NODES], namespaces=("default", NAMESPACE),
                          pod_startup_seconds=0.2) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env=env), \
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env=env), \
             start_simulated_node_agents(cluster, interval=0.5) as agents:
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(worker(name))

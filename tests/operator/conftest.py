@@ -21,7 +21,7 @@ def cluster():
 def operator(cluster):
     from digital_worker.operator.runner import OperatorThread
 
-    with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2) as running:
+    with OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=2) as running:
         yield running
 
 

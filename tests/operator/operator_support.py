@@ -49,5 +49,5 @@ def simulated_fleet(resync_seconds: float = 2, **operator_env: str):
     from digital_worker.operator.simpods import SimulatedSglangPods
 
     with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", "ai")) \
-            as cluster, OperatorThread(str(cluster.kubeconfig_path), resync_seconds=resync_seconds, env=operator_env):
+            as cluster, OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=resync_seconds, env=operator_env):
         yield cluster

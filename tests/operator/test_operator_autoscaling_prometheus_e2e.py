@@ -81,7 +81,7 @@ def test_auto_follows_a_ramp_from_prometheus_dry_run_changes_nothing_and_it_hold
     from digital_worker.operator.runner import OperatorThread
 
     with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         for name, mode in (("prom-bot", "Auto"), ("prom-dry", "DryRun")):
             kube.create(scaling_worker(name, mode))
@@ -150,7 +150,7 @@ def test_gpu_load_of_the_workers_pods_reaches_the_autoscaler(prometheus):
 
     name = "gpu-watch"
     with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}), \
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}), \
             start_simulated_node_agents(cluster, interval=0.5) as agents:
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(scaling_worker(name, "DryRun"))

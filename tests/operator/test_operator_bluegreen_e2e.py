@@ -27,7 +27,7 @@ def small_cluster(request):
     gpus = getattr(request, "param", 8)
     with EmulatedCluster(runtime=SimulatedSglangPods(), pod_startup_seconds=0.2, namespaces=("default", NS),
                          nodes=[SimulatedNode(f"gpu-node-{i}", gpus=gpus) for i in (1, 2)]) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2):
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=2):
         yield cluster, KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
 
 
@@ -200,7 +200,7 @@ def test_bluegreen_analysis_failure_keeps_or_puts_traffic_back_on_the_stable(pha
     name = "bg-" + phase[:4].lower()
     runtime = SimulatedSglangPods()
     with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", NS)) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=2, env={"DW_PROMETHEUS_URL": prometheus.url}):
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=2, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         body = example_worker(name, NS, replicas=2, fallback=None, rollout={"strategy": "BlueGreen", "blueGreen": {
             "warmupRequests": 40, "scaleDownDelaySeconds": 600,

@@ -33,7 +33,7 @@ def test_bad_canary_is_aborted_by_analysis(prometheus):
     runtime = SimulatedSglangPods()
     runtime.inject(bad_revision, error_rate=0.3)
     with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", "ai")) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(body)
         stable = wait_until(lambda: (s := (kube.get(api.API_VERSION, api.PLURAL, "ai", "ana-bot").get("status") or {}))

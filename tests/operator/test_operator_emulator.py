@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from operator_support import wait_until
+from digital_worker.operator.emulator import OPERATOR_USER
 from digital_worker.operator.kube import Conflict
 
 
@@ -84,3 +85,43 @@ def test_kubectl_works_against_it(cluster, kube, namespace):
                           namespace, "-o", "name"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "deployment.apps/web"
+
+
+@pytest.mark.parametrize("method,path,query,expected", [
+    ("GET", "/api/v1/namespaces/a/pods", {}, ("list", "", "pods", "a")),
+    ("GET", "/api/v1/pods", {"watch": "true"}, ("watch", "", "pods", None)),
+    ("GET", "/api/v1/namespaces/a/secrets/key", {}, ("get", "", "secrets", "a")),
+    ("PATCH", "/apis/digitalworker.io/v1alpha1/namespaces/a/digitalworkers/w/scale", {},
+     ("patch", "digitalworker.io", "digitalworkers/scale", "a")),
+    ("PUT", "/apis/apps/v1/namespaces/a/deployments/d", {}, ("update", "apps", "deployments", "a")),
+    ("DELETE", "/api/v1/namespaces/a/pods", {}, ("deletecollection", "", "pods", "a")),
+    ("GET", "/api/v1/namespaces/a", {}, ("get", "", "namespaces", None)),
+    ("PATCH", "/api/v1/namespaces/a/status", {}, ("patch", "", "namespaces/status", None)),
+    ("GET", "/apis/apps/v1", {}, None),  # discovery: any authenticated identity
+    ("GET", "/version", {}, None),
+])
+def test_requests_map_to_rbac_attributes_as_the_api_server_maps_them(method, path, query, expected):
+    from digital_worker.operator.emulator import request_attributes
+
+    assert request_attributes(method, path, query) == expected
+
+
+def test_the_operator_identity_gets_only_what_its_cluster_role_grants():
+    """The operator connects as its ServiceAccount, and the emulated API applies the ClusterRole
+    the stacks install: every end-to-end test that runs the operator checks its RBAC this way."""
+    from digital_worker.operator.emulator import EmulatedCluster
+    from digital_worker.operator.kube import KubeClient, KubeError
+
+    cluster = EmulatedCluster(pod_simulator=False, nodes=[])
+    with pytest.raises(RuntimeError, match=r"RBAC does not grant .*create core/secrets in default"):
+        with cluster:
+            as_operator = KubeClient.from_kubeconfig(str(cluster.operator_kubeconfig_path))
+            as_admin = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
+            assert as_operator.list("v1", "pods", "default") == []  # granted: list pods
+            assert as_operator.get("v1", "secrets", "default", "api-key") is None  # granted: get (none there)
+            secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api-key", "namespace": "default"}}
+            with pytest.raises(KubeError, match='cannot create resource "secrets"') as refused:
+                as_operator.create(secret)
+            assert refused.value.status == 403
+            as_admin.create(secret)  # the developer's own identity is a cluster admin
+            assert cluster.forbidden == [f"{OPERATOR_USER}: create core/secrets in default"]

@@ -118,7 +118,7 @@ def test_failing_stable_switches_to_the_fallback_and_back(prometheus):
 
     runtime = SimulatedSglangPods()
     with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.2, namespaces=("default", NAMESPACE)) as cluster, \
-            OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
+            OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
         kube.create(body)
         ready = wait_until(lambda: (s := status()).get("phase") == "Ready" and

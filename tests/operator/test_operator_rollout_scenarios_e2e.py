@@ -78,7 +78,7 @@ def run_canary(fleet, prometheus, name: str, faults: dict | None, rate: float, u
     body = worker(name, steps or [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}], analysis)
     if faults:
         runtime.inject(revision_of(body, f"v2-{name}"), **faults)  # a revision of its own: faults stay here
-    with OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
+    with OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url}):
         kube.create(body)
         try:
             wait_until(lambda: status(kube, name).get("phase") == "Ready", timeout=30,
@@ -158,7 +158,7 @@ def test_healthy_canary_survives_an_operator_restart_at_every_step(fleet, promet
     name = "restart-bot"
     body = worker(name, [{"setWeight": 25}, {"pause": {"duration": "1s"}}, {"setWeight": 50},
                          {"analysis": {}}, {"setWeight": 100}], analysis={"inconclusiveLimit": 8, "minRequests": 20})
-    operator = OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url})
+    operator = OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5, env={"DW_PROMETHEUS_URL": prometheus.url})
     operator.start()
     restarts, seen_steps, most = 0, set(), 0
     try:
@@ -178,7 +178,7 @@ def test_healthy_canary_survives_an_operator_restart_at_every_step(fleet, promet
                     seen_steps.add(step)
                     operator.stop()
                     restarts += 1
-                    operator = OperatorThread(str(cluster.kubeconfig_path), resync_seconds=5,
+                    operator = OperatorThread(str(cluster.operator_kubeconfig_path), resync_seconds=5,
                                               env={"DW_PROMETHEUS_URL": prometheus.url})
                     operator.start()
                 return None

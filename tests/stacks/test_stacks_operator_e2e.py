@@ -62,7 +62,7 @@ def test_operator_runs_with_the_platform_objects(tmp_path):
             kube.create(obj)
 
         port = free_port()
-        first = start_operator(str(cluster.kubeconfig_path), tmp_path / "operator-1.log", port)
+        first = start_operator(str(cluster.operator_kubeconfig_path), tmp_path / "operator-1.log", port)
         second = None
         try:
             wait_until(lambda: healthy(port), timeout=60, message="the operator's liveness endpoint never answered")
@@ -78,7 +78,7 @@ def test_operator_runs_with_the_platform_objects(tmp_path):
                 timeout=60, message="the DigitalWorker was never reconciled")
 
             # A second replica of the same Deployment has the same priority: kopf pauses both.
-            second = start_operator(str(cluster.kubeconfig_path), tmp_path / "operator-2.log", free_port())
+            second = start_operator(str(cluster.operator_kubeconfig_path), tmp_path / "operator-2.log", free_port())
             wait_until(lambda: b"Pausing all operators" in (tmp_path / "operator-1.log").read_bytes(), timeout=60,
                        message="two equal-priority peers did not pause")
         finally:
