@@ -27,8 +27,13 @@ INSTANCE_LABEL = api.LABEL_INSTANCE
 
 def prometheus_selector(namespace: str, name: str) -> str:
     """PromQL matcher of a worker's replicas: pods carry `digitalworker.io/instance`, which the
-    scrape configs (`kubernetes-pods` labelmap, PodMonitor podTargetLabels) expose as below."""
-    return f'namespace="{namespace}",digitalworker_io_instance="{name}"'
+    scrape configs (`kubernetes-pods` labelmap, PodMonitor podTargetLabels) expose as below.
+
+    Every revision counts (during a rollout the autoscaler sizes the total), but not the fallback
+    model's pods: they carry the worker's instance label too, and their load, queue and latency
+    are another model's, which must not size the primary."""
+    return (f'namespace="{namespace}",digitalworker_io_instance="{name}",'
+            f'digitalworker_io_revision!="{fallback.FALLBACK}"')
 
 
 class WorkerAutoscaling:

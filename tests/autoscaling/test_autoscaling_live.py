@@ -376,3 +376,47 @@ async def test_longer_prompts_at_a_steady_rate_scale_up_end_to_end(prometheus):
     assert "ttft" not in " ".join(reason.lower() for _, reason in after)  # not the safety net: TTFT was fine
     assert status["capacityPromptTokensPerReplica"] > 0
     assert counts.get(200, 0) > 600
+
+
+def test_the_operators_selector_leaves_the_fallback_models_replicas_out(prometheus):
+    """The fallback's pods carry the worker's instance label too (revision `fallback`): through a
+    real Prometheus, the selector the operator's autoscaler uses counts the primary's load only."""
+    from digital_worker.operator.periodic import prometheus_selector
+
+    async def scenario() -> tuple[float, float]:
+        primary = SimulatedSGLang(SimConfig(port=0, cold_start_seconds=0.0, seed=1))
+        backup = SimulatedSGLang(SimConfig(port=0, cold_start_seconds=0.0, seed=2))
+        await primary.start()
+        await backup.start()
+        try:
+            labels = {"namespace": "ai", "digitalworker_io_instance": "helpdesk"}
+            await asyncio.to_thread(prometheus.set_targets, "dw-primary", [f"127.0.0.1:{primary.port}"],
+                                    {**labels, "digitalworker_io_revision": "5f8c2d"})
+            await asyncio.to_thread(prometheus.set_targets, "dw-fallback", [f"127.0.0.1:{backup.port}"],
+                                    {**labels, "digitalworker_io_revision": "fallback"})
+            source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=4, include_gpu=False)
+            async with aiohttp.ClientSession() as session:
+                async def send(server: SimulatedSGLang, count: int) -> None:
+                    for _ in range(count):
+                        async with session.post(f"{server.url}/v1/completions",
+                                                json={"model": "default", "prompt": "hi", "max_tokens": 4}) as response:
+                            await response.read()
+
+                deadline = time.monotonic() + 40
+                while time.monotonic() < deadline:
+                    await asyncio.gather(send(primary, 2), send(backup, 6))  # the fallback busier: 3x
+                    ours = source.history(prometheus_selector("ai", "helpdesk"), 8, 1.0).latest(REQUEST_RATE)
+                    every = source.history('namespace="ai",digitalworker_io_instance="helpdesk"', 8, 1.0) \
+                        .latest(REQUEST_RATE)
+                    if ours and every and every > 3 * ours:
+                        return ours, every
+                    await asyncio.sleep(0.5)
+                return ours, every
+        finally:
+            await primary.stop()
+            await backup.stop()
+
+    ours, every = asyncio.run(scenario())
+    # Both replicas are scraped, and the operator's selector sees about a quarter of the requests.
+    assert ours and every, (ours, every)
+    assert every / ours == pytest.approx(4.0, rel=0.4)
