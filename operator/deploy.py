@@ -26,28 +26,28 @@ OPERATOR_LABELS = {
 }
 
 # (apiGroup, resources, verbs): exactly what the operator's handlers and clients call, nothing more.
+# The emulated API enforces these for the operator in every end-to-end test (emulator.py), so a
+# call missing here fails there; grants no test or code path uses are left out.
 # Grouped per resource so a review can match each line to one use in the operator.
 OPERATOR_RBAC_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("digitalworker.io", ("digitalworkers",), ("get", "list", "watch", "patch")),
     ("digitalworker.io", ("digitalworkers/status",), ("get", "patch")),
-    ("digitalworker.io", ("digitalworkers/scale",), ("get", "patch", "update")),
+    ("digitalworker.io", ("digitalworkers/scale",), ("patch",)),
     # Children name their worker with blockOwnerDeletion, which clusters enforcing owner-reference
     # permissions (OwnerReferencesPermissionEnforcement) allow only to who may update its finalizers.
     ("digitalworker.io", ("digitalworkers/finalizers",), ("update",)),
     ("apps", ("deployments",), ("get", "list", "watch", "create", "patch", "delete")),
-    ("apps", ("deployments/scale",), ("get", "patch")),
     ("", ("services", "configmaps"), ("get", "list", "watch", "create", "patch", "delete")),
     ("policy", ("poddisruptionbudgets",), ("get", "list", "watch", "create", "patch", "delete")),
     ("", ("pods",), ("get", "list", "watch", "delete")),
     ("", ("nodes",), ("get", "list", "watch", "patch")),
-    ("", ("events",), ("create", "patch")),
-    ("events.k8s.io", ("events",), ("create", "patch")),
-    # Only to check that the API-key Secret a DigitalWorker references exists; never list/watch.
+    ("", ("events",), ("create",)),
+    # The API-key Secret a DigitalWorker references: its existence, and the key itself for the
+    # blue-green warm-up requests to the preview (bluegreen.py). Never list/watch.
     ("", ("secrets",), ("get",)),
     ("apiextensions.k8s.io", ("customresourcedefinitions",), ("get", "list", "watch")),
     ("", ("namespaces",), ("list", "watch")),
     ("kopf.dev", ("clusterkopfpeerings", "kopfpeerings"), ("get", "list", "watch", "patch")),
-    ("coordination.k8s.io", ("leases",), ("get", "create", "patch", "update")),
     ("gateway.networking.k8s.io", ("httproutes",), ("get", "list", "watch", "create", "patch", "delete")),
 )
 

@@ -9,23 +9,20 @@ from digital_worker.operator import deploy
 EXPECTED_VERBS = {
     ("digitalworker.io", "digitalworkers"): {"get", "list", "watch", "patch"},
     ("digitalworker.io", "digitalworkers/status"): {"get", "patch"},
-    ("digitalworker.io", "digitalworkers/scale"): {"get", "patch", "update"},
+    ("digitalworker.io", "digitalworkers/scale"): {"patch"},  # the autoscaler's writes
     ("digitalworker.io", "digitalworkers/finalizers"): {"update"},  # children's blockOwnerDeletion
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("apps", "deployments/scale"): {"get", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch", "delete"},
     ("", "nodes"): {"get", "list", "watch", "patch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "events"): {"create"},  # kopf and the operator post core events, never patch them
     ("", "secrets"): {"get"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "patch", "update"},
     ("gateway.networking.k8s.io", "httproutes"): {"get", "list", "watch", "create", "patch", "delete"},
 }
 
