@@ -47,14 +47,10 @@ def _type_ok(value: Any, expected: str) -> bool:
 def apply_defaults_and_check(value: Any, schema: dict[str, Any], path: str, problems: list[str]) -> Any:
     """Return `value` with schema defaults filled in; append what is wrong to `problems`."""
     if schema.get("x-kubernetes-int-or-string"):
+        # No `type`: the number and string checks below each apply to their own form.
         if not isinstance(value, (int, str)) or isinstance(value, bool):
             problems.append(f"{path}: must be an integer or a string")
             return value
-        if isinstance(value, str) and "pattern" in schema and not _regex(schema["pattern"]).search(value):
-            problems.append(f"{path}: {value!r} does not match {schema['pattern']}")
-        if isinstance(value, int) and "minimum" in schema and value < schema["minimum"]:
-            problems.append(f"{path}: {value} is below the minimum {schema['minimum']}")
-        return value
     expected = schema.get("type")
     if expected is not None and not _type_ok(value, expected):
         problems.append(f"{path}: must be of type {expected}, got {type(value).__name__}")
