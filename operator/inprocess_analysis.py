@@ -67,6 +67,7 @@ from digital_worker.operator.metric_providers import (
     REQUEST_COUNT,
     REQUEST_RATE,
     REVISION_LABEL,
+    SAMPLE_SIZE_OF,
     TTFT_P95,
     UPPER,
     Measurement,
@@ -83,8 +84,6 @@ WorkerKey = tuple[str, str]  # (namespace, instance)
 
 _COUNTERS = {REQUEST_COUNT, REQUEST_RATE, ERROR_RATE}
 _HISTOGRAMS = {TTFT_P95: "ttft_buckets", ITL_P95: "itl_buckets", E2E_P95: "e2e_buckets"}
-# What a quantile's confidence bounds count as observations (metric_providers `_SAMPLE_SIZE_HISTOGRAM`).
-_SAMPLE_SIZE_BUCKETS = {TTFT_P95: "ttft_buckets", ITL_P95: "e2e_buckets", E2E_P95: "e2e_buckets"}
 _BOUNDS = {bound_name(measurement, side): (measurement, side)
            for measurement in LATENCY_QUANTILES for side in (LOWER, UPPER)}
 _GAUGES = {QUEUE_LENGTH, KV_USAGE}
@@ -165,7 +164,8 @@ def revision_measurement(
         summed = _summed_buckets(spans, _HISTOGRAMS[base])
         level = quantile
         if side is not None:
-            observations = _summed_buckets(spans, _SAMPLE_SIZE_BUCKETS[base]).get(math.inf, 0.0)
+            counted = _HISTOGRAMS[SAMPLE_SIZE_OF[base]]
+            observations = (summed if counted == _HISTOGRAMS[base] else _summed_buckets(spans, counted)).get(math.inf, 0.0)
             level = bound_quantile(quantile, observations, confidence, side)
         value = histogram_quantile(level, list(summed.items()))
         return (value if value is not None and math.isfinite(value) else None), 1

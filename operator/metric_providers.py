@@ -50,10 +50,10 @@ def bound_name(measurement: str, side: str) -> str:
     return f"{measurement}_{side}"
 
 
-# How many independent observations a quantile's bounds rest on: one TTFT and one end-to-end
-# latency per request; inter-token latencies within one request move together, so ITL counts its
-# requests (the end-to-end histogram's count), never its tokens, which would overstate the evidence.
-_SAMPLE_SIZE_HISTOGRAM = {TTFT_P95: TTFT_HISTOGRAM, ITL_P95: E2E_HISTOGRAM, E2E_P95: E2E_HISTOGRAM}
+# Whose observation count a quantile's bounds rest on: one TTFT and one end-to-end latency per
+# request; inter-token latencies within one request move together, so ITL counts its requests
+# (the end-to-end histogram's count), never its tokens, which would overstate the evidence.
+SAMPLE_SIZE_OF = {TTFT_P95: TTFT_P95, ITL_P95: E2E_P95, E2E_P95: E2E_P95}
 _QUANTILE_HISTOGRAM = {TTFT_P95: TTFT_HISTOGRAM, ITL_P95: ITL_HISTOGRAM, E2E_P95: E2E_HISTOGRAM}
 
 
@@ -264,12 +264,13 @@ def histogram_quantile_bound_query(
     measurement: str, matchers: LabelMatchers, window_seconds: float, quantile: float, confidence: float, side: str
 ) -> str:
     """`bound_quantile` in PromQL: the histogram quantile at q -/+ z sqrt(q (1 - q) / n), with n the
-    observations in the window (`_SAMPLE_SIZE_HISTOGRAM`). No observations: NaN, Inconclusive."""
+    observations in the window (`SAMPLE_SIZE_OF`). No observations: NaN, Inconclusive."""
     if not 0.0 < quantile < 1.0 or not 0.5 <= confidence < 1.0:
         raise ValueError(f"quantile must be in (0, 1) and confidence in [0.5, 1), got {quantile}, {confidence}")
     window = _window(window_seconds)
     buckets = sglang_selector(f"{_QUANTILE_HISTOGRAM[measurement]}_bucket", matchers)
-    count = counter_growth(sglang_selector(f"{_SAMPLE_SIZE_HISTOGRAM[measurement]}_count", matchers), window)
+    counted = _QUANTILE_HISTOGRAM[SAMPLE_SIZE_OF[measurement]]
+    count = counter_growth(sglang_selector(f"{counted}_count", matchers), window)
     z = NormalDist().inv_cdf(confidence)
     sign = "-" if side == LOWER else "+"
     level = f"scalar(clamp({quantile:g} {sign} {z:.6g} * sqrt({quantile * (1 - quantile):.6g} / {count}), 0, 1))"
