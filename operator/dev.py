@@ -314,7 +314,7 @@ def run_tour(*, manifest: str | None, kubeconfig_out: str, scenario: str, headle
         paths = write_report(tour.dump(), report_dir)
         console.print(f"Report: [cyan]{Path(report_dir).resolve()}[/] ({', '.join(p.name for p in paths)})")
         # The operator ran as its ServiceAccount: a refused request is a gap in the RBAC we ship.
-        refused = sorted(set(cluster.forbidden))
+        refused = cluster.forbidden
         if refused:
             console.print("[bold red]RBAC[/]: the operator's ClusterRole refused " + "; ".join(refused))
         ok = all(r.ok for r in results) and len(results) == len(steps) and not refused

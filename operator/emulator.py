@@ -785,12 +785,12 @@ class EmulatedCluster:
         self.stop()
         if self.fail_on_forbidden and exc_type is None and self.forbidden:
             raise RuntimeError("the emulated API refused the operator requests its RBAC does not grant "
-                               "(operator/deploy.py OPERATOR_RBAC_RULES): " + "; ".join(sorted(set(self.forbidden))))
+                               "(operator/deploy.py OPERATOR_RBAC_RULES): " + "; ".join(self.forbidden))
 
     @property
     def forbidden(self) -> list[str]:
-        """Requests refused by RBAC so far (see `ClusterEmulator.forbidden`)."""
-        return list(self.emulator.forbidden) if self.emulator is not None else []
+        """The distinct requests refused by RBAC so far, sorted (see `ClusterEmulator.forbidden`)."""
+        return sorted(set(self.emulator.forbidden)) if self.emulator is not None else []
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name="emulated-cluster", daemon=True)
