@@ -451,29 +451,28 @@ def judge_run(
         reference, reference_name, stable_gate = baseline, "baseline", None
     results = []
     for definition in definitions:
-        result = None  # set by the relative branches, then named after its reference
         if canary_gate is not None:
-            results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
-                                       definition.threshold, message=f"canary: {canary_gate}"))
+            result = CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
+                                 definition.threshold, message=f"canary: {canary_gate}")
         elif definition.key == "maxErrorRate" and spec.error_rate_confidence is not None:
-            results.append(judge_rate_with_confidence(
+            result = judge_rate_with_confidence(
                 definition, measurements.canary.get(definition.metric), measurements.canary.get(REQUEST_COUNT),
-                spec.error_rate_confidence))
+                spec.error_rate_confidence)
         elif not definition.relative:
-            results.append(judge_absolute(definition, measurements.canary.get(definition.metric)))
+            result = judge_absolute(definition, measurements.canary.get(definition.metric))
         elif stable_gate is not None:
-            results.append(CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
-                                       definition.threshold, message=f"stable: {stable_gate}"))
-        elif spec.latency_ratio_confidence is not None and definition.metric in LATENCY_QUANTILES:
-            result = judge_relative_with_confidence(definition, measurements.canary, reference,
-                                                    spec.latency_ratio_confidence)
+            result = CheckResult(definition.key, definition.metric, Verdict.INCONCLUSIVE,
+                                 definition.threshold, message=f"stable: {stable_gate}")
         else:
-            result = judge_relative(definition, measurements.canary.get(definition.metric),
-                                    reference.get(definition.metric))
-        if result is not None and reference_name == "baseline":
-            result = replace(result, message=result.message.replace(" / stable ", " / stable before the step "))
-        if result is not None:
-            results.append(result)
+            if spec.latency_ratio_confidence is not None and definition.metric in LATENCY_QUANTILES:
+                result = judge_relative_with_confidence(definition, measurements.canary, reference,
+                                                        spec.latency_ratio_confidence)
+            else:
+                result = judge_relative(definition, measurements.canary.get(definition.metric),
+                                        reference.get(definition.metric))
+            if reference_name == "baseline":
+                result = replace(result, message=result.message.replace(" / stable ", " / stable before the step "))
+        results.append(result)
     checks = tuple(results)
     failed = [check for check in checks if check.verdict is Verdict.FAILED]
     inconclusive = [check for check in checks if check.verdict is Verdict.INCONCLUSIVE]
