@@ -1,9 +1,10 @@
 """SGLang's Prometheus metrics, as SGLang 0.5.23 declares them, for the simulated server.
 
 Names, types, label names and histogram buckets are those of SGLang's
-`srt/observability/metrics_collector.py` at the pinned version (a slow test reads that file in the
-SGLang virtualenv and compares). Two collectors in SGLang, two label sets here:
-the scheduler's (per rank: gauges and queue time) and the tokenizer manager's (per request).
+`srt/observability/metrics_collector.py` and `http_request_metrics.py` at the pinned version (a
+slow test reads both files in the SGLang virtualenv and compares). Three collectors in SGLang,
+three label sets here: the scheduler's (per rank: gauges and queue time), the tokenizer manager's
+(per request) and the HTTP server's (per endpoint and method, no base labels).
 Each `SGLangMetrics` owns a fresh CollectorRegistry, so many simulated servers live in one process.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ QUEUE_TIME_BUCKETS = (
 
 SCHEDULER = "scheduler"
 TOKENIZER = "tokenizer"
+HTTP = "http"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class MetricSpec:
     name: str
     kind: str  # "gauge", "counter" or "histogram"
     documentation: str
-    collector: str  # SCHEDULER or TOKENIZER: which base label set it carries
+    collector: str  # SCHEDULER, TOKENIZER or HTTP: which base label set it carries
     extra_labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] | None = None
 
@@ -63,6 +65,13 @@ METRICS: tuple[MetricSpec, ...] = (
                "Histogram of inter-token latency in seconds.", TOKENIZER, buckets=INTER_TOKEN_BUCKETS),
     MetricSpec("sglang:e2e_request_latency_seconds", "histogram",
                "Histogram of End-to-end request latency in seconds", TOKENIZER, ("is_streaming",), E2E_BUCKETS),
+    # SGLang's HTTP middleware (with --enable-metrics): every request, and every response by status.
+    MetricSpec("sglang:http_requests_total", "counter", "Total number of HTTP requests by endpoint and method",
+               HTTP, ("endpoint", "method")),
+    MetricSpec("sglang:http_responses_total", "counter", "Total number of HTTP responses by endpoint and status code",
+               HTTP, ("endpoint", "status_code", "method")),
+    MetricSpec("sglang:http_requests_active", "gauge", "Number of currently active HTTP requests",
+               HTTP, ("endpoint", "method")),
 )
 
 
@@ -82,7 +91,8 @@ class SGLangMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.base_labels = {SCHEDULER: scheduler_labels(model_name), TOKENIZER: tokenizer_labels(model_name)}
+        self.base_labels = {SCHEDULER: scheduler_labels(model_name), TOKENIZER: tokenizer_labels(model_name),
+                            HTTP: {}}
         self._metrics = {}
         for spec in METRICS:
             labelnames = [*self.base_labels[spec.collector], *spec.extra_labels]

@@ -142,6 +142,10 @@ class _RequestError(Exception):
         self.kind = kind
 
 
+# Per-request key: the status a streaming answer started with (what SGLang's HTTP metrics count it as).
+STARTED_STATUS = "digital_worker.started_status"
+
+
 class SimulatedSGLang:
     """One simulated SGLang replica. ``async with SimulatedSGLang(SimConfig(...)) as server: server.url``."""
 
@@ -186,7 +190,8 @@ class SimulatedSGLang:
         self._ready_at = self.config.cold_start_seconds
         self._wake = asyncio.Event()
         self._hang_release = asyncio.Event()
-        app = web.Application(middlewares=[self._auth_middleware])
+        # SGLang adds its API-key check last, outermost: a refused key never reaches the HTTP metrics.
+        app = web.Application(middlewares=[self._auth_middleware, self._http_metrics_middleware])
         routes = [
             web.get("/health", self._health),
             web.get("/health_generate", self._health),
@@ -387,6 +392,45 @@ class SimulatedSGLang:
 
         return middleware
 
+    @property
+    def _http_metrics_middleware(self):
+        """SGLang's `http_request_metrics` middleware: requests and responses by route and status.
+
+        The endpoint label is the route's path (the request's own path when no route matched);
+        a streaming answer counts with the status it started with, as in SGLang."""
+        web = self._aiohttp
+        metrics = self.metrics
+
+        @web.middleware
+        async def middleware(request, handler):
+            resource = request.match_info.route.resource
+            endpoint = resource.canonical if resource is not None else request.path
+            labels = {"endpoint": endpoint, "method": request.method}
+            metrics.child("sglang:http_requests_total", **labels).inc()
+            active = metrics.child("sglang:http_requests_active", **labels)
+            active.inc()
+            status = None
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except (ConnectionResetError, asyncio.CancelledError):
+                # The client left: a stream that had started counts with its status, nothing else does.
+                status = request.get(STARTED_STATUS)
+                raise
+            except Exception:
+                status = request.get(STARTED_STATUS, 500)
+                raise
+            finally:
+                active.dec()
+                if status is not None:
+                    metrics.child("sglang:http_responses_total", status_code=str(status), **labels).inc()
+
+        return middleware
+
     async def _health(self, request):
         web = self._aiohttp
         if self.faults.hang:
@@ -580,6 +624,7 @@ class SimulatedSGLang:
         first = await events.__anext__()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        request[STARTED_STATUS] = response.status
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 

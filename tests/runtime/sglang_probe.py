@@ -69,9 +69,15 @@ def flags() -> list[str]:
 def metrics() -> dict:
     import sglang
 
-    source_path = Path(sglang.__file__).parent / "srt" / "observability" / "metrics_collector.py"
-    tree = ast.parse(source_path.read_text())
+    observability = Path(sglang.__file__).parent / "srt" / "observability"
     found: dict[str, dict] = {}
+    for source_path in (observability / "metrics_collector.py", observability / "http_request_metrics.py"):
+        _collect_metrics(ast.parse(source_path.read_text()), found)
+    return found
+
+
+def _collect_metrics(tree: ast.AST, found: dict[str, dict]) -> None:
+    """Every `Gauge/Counter/Histogram(name="sglang:...")` call in the module, by name."""
     for function in ast.walk(tree):
         if not isinstance(function, ast.FunctionDef):
             continue
@@ -113,7 +119,6 @@ def metrics() -> dict:
                 "extra_labels": extra,
                 "buckets": buckets,
             })
-    return found
 
 
 if __name__ == "__main__":

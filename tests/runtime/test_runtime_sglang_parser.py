@@ -18,7 +18,7 @@ import pytest
 from digital_worker.runtime import contract
 from digital_worker.runtime.contract import ALLOWED_EXTRA_ARGS, SGLANG_VERSION, LaunchConfig, build_argv
 from digital_worker.runtime.launcher import prepare_launch, supervise
-from digital_worker.runtime.sglang_metrics import METRICS, scheduler_labels, tokenizer_labels
+from digital_worker.runtime.sglang_metrics import HTTP, METRICS, scheduler_labels, tokenizer_labels
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -126,6 +126,9 @@ def test_simulator_metrics_match_sglang_collector(sglang):
     # The base label names are the ones SGLang's collectors are built with (see metrics_collector.py).
     assert set(scheduler_labels("m")) == {"model_name", "engine_type", "tp_rank", "pp_rank", "moe_ep_rank"}
     assert set(tokenizer_labels("m")) == {"model_name", "engine_type"}
+    # The HTTP middleware's metrics (http_request_metrics.py) carry only their own labels.
+    assert {spec.name for spec in METRICS if spec.collector == HTTP} == {
+        "sglang:http_requests_total", "sglang:http_responses_total", "sglang:http_requests_active"}
 
 
 def test_launcher_hands_the_key_to_real_server_args(sglang_python, tmp_path):

@@ -159,7 +159,37 @@ async def test_error_rate_fault_fails_requests_and_counts_aborts():
         assert 8 <= outcomes.count(False) <= 32
         _, exposition = await get(server, "/metrics")
         assert sample_value(exposition, "sglang:num_aborted_requests_total") == 1 + outcomes.count(False)
+        # SGLang's HTTP middleware counts the same failures as 500 responses of their route.
+        route = {"endpoint": "/v1/completions", "method": "POST"}
+        assert sample_value(exposition, "sglang:http_responses_total", status_code="500", **route) == 1 + outcomes.count(False)
+        assert sample_value(exposition, "sglang:http_responses_total", status_code="200", **route) == outcomes.count(True)
+        assert sample_value(exposition, "sglang:http_requests_total", **route) == 41
         await client.close()
+
+
+async def test_http_metrics_count_routes_and_statuses_as_sglang_does():
+    async with SimulatedSGLang(SimConfig(model_name="m", api_key="sk-1")) as server:
+        client = client_for(server, "sk-1")
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True)
+        async for _ in stream:
+            pass
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="other", prompt="x", max_tokens=1)
+        with pytest.raises(openai.AuthenticationError):
+            await client_for(server, "wrong").models.list()
+        assert (await get(server, "/health"))[0] == 200
+        assert (await get(server, "/no/such/path"))[0] == 401  # the key check comes first, as in SGLang
+        _, exposition = await get(server, "/metrics")
+        await client.close()
+    responses = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+                 if line.startswith("sglang:http_responses_total{")}
+    assert responses == {
+        'sglang:http_responses_total{endpoint="/v1/chat/completions",method="POST",status_code="200"}': 1.0,
+        'sglang:http_responses_total{endpoint="/v1/completions",method="POST",status_code="404"}': 1.0,
+        'sglang:http_responses_total{endpoint="/health",method="GET",status_code="200"}': 1.0,
+    }  # refused keys never reach the metrics middleware; the scrape itself is still being answered
+    assert sample_value(exposition, "sglang:http_requests_active", endpoint="/metrics", method="GET") == 1
 
 
 async def test_latency_factor_slows_every_step():
@@ -391,6 +421,9 @@ async def test_client_disconnect_frees_the_slot_and_counts_an_abort():
         _, exposition = await get(server, "/metrics")
         assert sample_value(exposition, "sglang:num_aborted_requests_total") == 1
         assert "sglang:num_requests_total{" not in exposition  # it never finished
+        # The stream had started with 200: SGLang's HTTP metrics count it so.
+        assert sample_value(exposition, "sglang:http_responses_total", endpoint="/v1/completions",
+                            status_code="200") == 1
 
 
 async def test_request_larger_than_the_kv_cache_is_refused():
