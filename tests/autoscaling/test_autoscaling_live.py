@@ -383,18 +383,22 @@ def test_the_operators_selector_leaves_the_fallback_models_replicas_out(promethe
     real Prometheus, the selector the operator's autoscaler uses counts the primary's load only."""
     from digital_worker.operator.periodic import prometheus_selector
 
-    async def scenario() -> tuple[float, float]:
+    async def scenario() -> dict[str, float]:
         primary = SimulatedSGLang(SimConfig(port=0, cold_start_seconds=0.0, seed=1))
         backup = SimulatedSGLang(SimConfig(port=0, cold_start_seconds=0.0, seed=2))
         await primary.start()
         await backup.start()
         try:
+            worker = 'namespace="ai",digitalworker_io_instance="helpdesk"'
             labels = {"namespace": "ai", "digitalworker_io_instance": "helpdesk"}
             await asyncio.to_thread(prometheus.set_targets, "dw-primary", [f"127.0.0.1:{primary.port}"],
                                     {**labels, "digitalworker_io_revision": "5f8c2d"})
             await asyncio.to_thread(prometheus.set_targets, "dw-fallback", [f"127.0.0.1:{backup.port}"],
                                     {**labels, "digitalworker_io_revision": "fallback"})
             source = PrometheusMetricsSource(prometheus.url, rate_window_seconds=4, include_gpu=False)
+            selectors = {"ours": prometheus_selector("ai", "helpdesk"), "every": worker,
+                         "primary": worker + ',digitalworker_io_revision="5f8c2d"',
+                         "fallback": worker + ',digitalworker_io_revision="fallback"'}
             async with aiohttp.ClientSession() as session:
                 async def send(server: SimulatedSGLang, count: int) -> None:
                     for _ in range(count):
@@ -405,18 +409,21 @@ def test_the_operators_selector_leaves_the_fallback_models_replicas_out(promethe
                 deadline = time.monotonic() + 40
                 while time.monotonic() < deadline:
                     await asyncio.gather(send(primary, 2), send(backup, 6))  # the fallback busier: 3x
-                    ours = source.history(prometheus_selector("ai", "helpdesk"), 8, 1.0).latest(REQUEST_RATE)
-                    every = source.history('namespace="ai",digitalworker_io_instance="helpdesk"', 8, 1.0) \
-                        .latest(REQUEST_RATE)
-                    if ours and every and every > 3 * ours:
-                        return ours, every
+                    # One evaluation time for every selector: the same samples, so the sums are exact.
+                    now = time.time() - 1.0
+                    rates = {key: source.history(selector, 8, 1.0, now=now).latest(REQUEST_RATE) or 0.0
+                             for key, selector in selectors.items()}
+                    if rates["fallback"] > rates["primary"] > 0:
+                        return rates
                     await asyncio.sleep(0.5)
-                return ours, every
+                return rates
         finally:
             await primary.stop()
             await backup.stop()
 
-    ours, every = asyncio.run(scenario())
-    # Both replicas are scraped, and the operator's selector sees about a quarter of the requests.
-    assert ours and every, (ours, every)
-    assert every / ours == pytest.approx(4.0, rel=0.4)
+    rates = asyncio.run(scenario())
+    # Both replicas are scraped and the fallback is the busier, yet the operator's selector counts
+    # exactly the primary's requests: everything minus the fallback's.
+    assert rates["fallback"] > rates["primary"] > 0, rates
+    assert rates["ours"] == pytest.approx(rates["primary"]), rates
+    assert rates["every"] == pytest.approx(rates["primary"] + rates["fallback"]), rates
