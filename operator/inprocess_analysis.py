@@ -11,10 +11,11 @@ Prometheus to ask, yet a canary must still be judged on its numbers. Two parts:
   the window, per pod (a counter that went down is a restarted replica, counted from zero like
   Prometheus does), summed over the revision's pods; quantiles (and, for `latencyRatioConfidence`,
   their bounds) come from the summed bucket increases; the queue is the worst pod's average and KV
-  usage the worst pod's maximum over the window. Missing data is never a pass: a revision with no
-  pod scraped twice in the window is "no data", an error rate of 0/0 is "no number", a worker not
-  scraped lately or a hand-written query is a provider error; all of them make the check
-  Inconclusive.
+  usage the worst pod's maximum over the window; the HTTP error rate is SGLang's non-2xx POST
+  responses over all its POST responses (`HttpErrorSource`'s default; another counter is PromQL
+  only). Missing data is never a pass: a revision with no pod scraped twice in the window is "no
+  data", an error rate of 0/0 is "no number", a worker not scraped lately or a hand-written query
+  is a provider error; all of them make the check Inconclusive.
 - `RolloutScraper`, ticked by the operator's periodic loop (periodic.py `run_periodic`, when no
   Prometheus URL is set): it scrapes only workers whose rollout is Progressing, each at a cadence
   derived from its analysis window (a fifth of the shortest window, 1 to 10 s), and forgets a
@@ -57,6 +58,7 @@ from digital_worker.operator.autoscaling.metrics import (
 from digital_worker.operator.metric_providers import (
     E2E_P95,
     ERROR_RATE,
+    HTTP_ERROR_RATE,
     INSTANCE_LABEL,
     ITL_P95,
     KV_USAGE,
@@ -82,7 +84,7 @@ logger = logging.getLogger("digital_worker.operator")
 RevisionKey = tuple[str, str, str]  # (namespace, instance, revision)
 WorkerKey = tuple[str, str]  # (namespace, instance)
 
-_COUNTERS = {REQUEST_COUNT, REQUEST_RATE, ERROR_RATE}
+_COUNTERS = {REQUEST_COUNT, REQUEST_RATE, ERROR_RATE, HTTP_ERROR_RATE}
 _HISTOGRAMS = {TTFT_P95: "ttft_buckets", ITL_P95: "itl_buckets", E2E_P95: "e2e_buckets"}
 _BOUNDS = {bound_name(measurement, side): (measurement, side)
            for measurement in LATENCY_QUANTILES for side in (LOWER, UPPER)}
@@ -169,6 +171,13 @@ def revision_measurement(
             level = bound_quantile(quantile, observations, confidence, side)
         value = histogram_quantile(level, list(summed.items()))
         return (value if value is not None and math.isfinite(value) else None), 1
+    if measurement == HTTP_ERROR_RATE:
+        responses = failed = 0.0
+        for span in spans:
+            responses += sum(_increase(a.http_responses_total, b.http_responses_total) for a, b in pairwise(span))
+            failed += sum(_increase(a.http_error_responses_total, b.http_error_responses_total)
+                          for a, b in pairwise(span))
+        return (failed / responses if responses > 0 else None), 1
     finished = aborted = rate = 0.0
     for span in spans:
         pod_finished = sum(_increase(a.requests_total, b.requests_total) for a, b in pairwise(span))

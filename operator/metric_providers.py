@@ -235,20 +235,27 @@ def error_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
     return f"{aborted} / ({finished} + {aborted})"
 
 
-def http_error_rate_query(
-    matchers: LabelMatchers, window_seconds: float, metric: str, status_label: str = "code"
-) -> str:
-    """Non-2xx responses over all responses, from an HTTP request counter (e.g. a gateway's or
-    a sidecar's `http_requests_total{code=...}`); SGLang itself exports no status-code counter."""
-    if not _LABEL_NAME.match(metric) or not _LABEL_NAME.match(status_label):
-        raise ValueError(f"invalid HTTP metric {metric!r} or status label {status_label!r}")
+def http_error_rate_query(matchers: LabelMatchers, window_seconds: float, source: "HttpErrorSource") -> str:
+    """Non-2xx responses over all responses in the window, from an HTTP response counter with a
+    status label: SGLang's own by default, or a gateway's / sidecar's (`HttpErrorSource`).
+
+    Counted with `counter_growth`: a canary's first 5xx creates its `status_code="500"` series,
+    whose first value `increase()` would drop. No responses at all: no number, Inconclusive."""
+    if not _LABEL_NAME.match(source.metric) or not _LABEL_NAME.match(source.status_label):
+        raise ValueError(f"invalid HTTP metric {source.metric!r} or status label {source.status_label!r}")
     window = _window(window_seconds)
-    rendered = render_matchers(matchers)
-    base = ", ".join(filter(None, [rendered]))
-    failed_labels = ", ".join(filter(None, [rendered, f'{status_label}!~"2.."']))
-    failed = f"sum(increase({metric}{{{failed_labels}}}[{window}]))"
-    total = f"sum(increase({metric}{{{base}}}[{window}]))"
-    return f"({failed} or vector(0)) / {total}"
+    selected = dict(matchers)
+    if source.method is not None:
+        selected["method"] = source.method
+    failed_matcher = f'{source.status_label}!~"2.."'
+    if source.sglang:
+        failed_selector = sglang_selector(source.metric, selected, failed_matcher)
+        all_selector = sglang_selector(source.metric, selected)
+    else:
+        rendered = render_matchers(selected)
+        failed_selector = f"{source.metric}{{{', '.join(filter(None, [rendered, failed_matcher]))}}}"
+        all_selector = f"{source.metric}{{{rendered}}}"
+    return f"({counter_growth(failed_selector, window)} or vector(0)) / {counter_growth(all_selector, window)}"
 
 
 def histogram_quantile_query(
@@ -291,10 +298,23 @@ def gauge_max_query(gauge: str, matchers: LabelMatchers, window_seconds: float) 
 
 @dataclass(frozen=True)
 class HttpErrorSource:
-    """An optional HTTP request counter with a status-code label, for non-2xx error rates."""
+    """The HTTP response counter `maxHTTPErrorRate` reads.
 
-    metric: str = "http_requests_total"
-    status_label: str = "code"
+    Default: SGLang's `sglang:http_responses_total{endpoint, status_code, method}`, which every
+    replica exports with `--enable-metrics` (the launcher always passes it). Only POSTs count:
+    the inference routes are POSTs, while kubelet probes and Prometheus scrapes are GETs that
+    would dilute a failing canary's rate. A gateway's counter (e.g. `http_requests_total{code}`)
+    also works: `HttpErrorSource("http_requests_total", "code", sglang=False, method=None)`;
+    only Prometheus can answer that one (the in-process provider reads SGLang's pages only)."""
+
+    metric: str = "http_responses_total"
+    status_label: str = "status_code"
+    sglang: bool = True  # the name is `sglang:<metric>` or `sglang_<metric>`, not `<metric>`
+    method: str | None = "POST"
+
+    @property
+    def is_sglang_default(self) -> bool:
+        return self == HttpErrorSource()
 
 
 def revision_queries(
@@ -317,11 +337,11 @@ def revision_queries(
         KV_USAGE: gauge_max_query(KV_USAGE_GAUGE, matchers, window_seconds),
     }
     if http_errors is not None:
-        promql[HTTP_ERROR_RATE] = http_error_rate_query(
-            matchers, window_seconds, http_errors.metric, http_errors.status_label
-        )
+        promql[HTTP_ERROR_RATE] = http_error_rate_query(matchers, window_seconds, http_errors)
     structured = matcher_triples(matchers)
-    queries = {name: MetricQuery(name, text, measurement=name, matchers=structured,
+    # Another HTTP counter than SGLang's is PromQL only: no measurement a scraper of SGLang could answer.
+    promql_only = set() if http_errors is None or http_errors.is_sglang_default else {HTTP_ERROR_RATE}
+    queries = {name: MetricQuery(name, text, measurement=None if name in promql_only else name, matchers=structured,
                                  window_seconds=float(window_seconds),
                                  quantile=quantile if name in LATENCY_QUANTILES else None)
                for name, text in promql.items()}

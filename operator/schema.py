@@ -168,7 +168,7 @@ ANALYSIS_FIELDS: dict[str, Any] = {
     "maxErrorRate": _num(minimum=0, maximum=1),
     "errorRateConfidence": _num("Judge maxErrorRate by a one-sided Wilson bound at this confidence "
                                 "(Inconclusive until the requests tell either way).", minimum=0.5, maximum=0.999),
-    "maxHTTPErrorRate": _num("Non-2xx share of http_requests_total{code} (a gateway's or sidecar's).",
+    "maxHTTPErrorRate": _num("Non-2xx share of the POST responses in SGLang's sglang:http_responses_total.",
                              minimum=0, maximum=1),
     "maxTTFTP95Seconds": _num(minimum=0),
     "maxITLP95Seconds": _num(minimum=0),

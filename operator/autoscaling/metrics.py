@@ -188,6 +188,9 @@ class ScrapeSample:
     # Read for rollout analysis (operator/inprocess_analysis.py), not by the autoscaler.
     aborted_requests_total: float = 0.0
     e2e_buckets: tuple[tuple[float, float], ...] = ()
+    # SGLang's `http_responses_total` for POSTs (the inference routes): all, and the non-2xx ones.
+    http_responses_total: float = 0.0
+    http_error_responses_total: float = 0.0
 
 
 def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
@@ -205,6 +208,7 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
     buckets: dict[float, float] = {}
     itl_buckets: dict[float, float] = {}
     e2e_buckets: dict[float, float] = {}
+    responses = error_responses = 0.0
     for text in texts:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -227,10 +231,15 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
                 elif short == "e2e_request_latency_seconds_bucket":
                     bound = float(sample.labels.get("le", "inf"))
                     e2e_buckets[bound] = e2e_buckets.get(bound, 0.0) + sample.value
+                elif short == "http_responses_total" and sample.labels.get("method") == "POST":
+                    responses += sample.value
+                    if not sample.labels.get("status_code", "").startswith("2"):
+                        error_responses += sample.value
     return ScrapeSample(now, counters["num_requests_total"], counters["prompt_tokens_total"],
                         counters["generation_tokens_total"], gauges["num_queue_reqs"], gauges["num_running_reqs"],
                         usage, tuple(sorted(buckets.items())), tuple(sorted(itl_buckets.items())),
-                        counters["num_aborted_requests_total"], tuple(sorted(e2e_buckets.items())))
+                        counters["num_aborted_requests_total"], tuple(sorted(e2e_buckets.items())),
+                        responses, error_responses)
 
 
 def _rates(previous: ScrapeSample, current: ScrapeSample) -> dict[str, float]:

@@ -11,11 +11,13 @@ Where the numbers come from:
 - The operator (`operator/metrics.py`): `digitalworker_operator_*`, `digitalworker_autoscaler_*`
   (per worker: `namespace`, `name`).
 
-What stands for what (SGLang exports no HTTP status counter):
+What stands for what:
 
 - **Errors ("5xx")**: requests SGLang aborted, over requests that ended (finished + aborted), as the
   rollout analysis counts them (`operator/metric_providers.py`). An internal error (HTTP 500, the
-  simulator's injected failures) ends as an aborted request; so does a client hanging up.
+  simulator's injected failures) ends as an aborted request; so does a client hanging up. SGLang's
+  `http_responses_total` is not used: it counts a stream by the status it started with, so a
+  stream failing after its first token is a 200 there.
 - **Timeouts**: requests whose client waited longer than `TIMEOUT_SECONDS` for the first byte of its
   answer, which is what a gateway's read timeout cuts: time to first token for streaming
   requests, end-to-end latency for the others, read from SGLang's histograms (60 s is one of

@@ -31,8 +31,8 @@ def worker(name: str) -> dict:
         "strategy": "Canary",
         "canary": {"steps": [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}], "maxSurge": 1},
         "analysis": {"intervalSeconds": 5, "windowSeconds": 15, "minRequests": 40, "failureLimit": 1,
-                     "inconclusiveLimit": 8, "maxErrorRate": 0.05, "maxTTFTP95Ratio": 3.0,
-                     "maxITLP95Ratio": 3.0},
+                     "inconclusiveLimit": 8, "maxErrorRate": 0.05, "maxHTTPErrorRate": 0.05,
+                     "maxTTFTP95Ratio": 3.0, "maxITLP95Ratio": 3.0},
     })
 
 
@@ -87,6 +87,8 @@ def test_analysis_without_prometheus_aborts_a_bad_canary_and_passes_a_good_one()
         assert "analysis failed" in aborted["abortReason"]
         checks = {c["name"]: c for c in aborted["analysis"]["checks"]}
         assert checks["maxErrorRate"]["verdict"] == "Failed" and checks["maxErrorRate"]["value"] > 0.05
+        # The same failures, as the replicas' own HTTP metrics count them (500s of POSTs).
+        assert checks["maxHTTPErrorRate"]["verdict"] == "Failed" and checks["maxHTTPErrorRate"]["value"] > 0.05
         wait_until(lambda: {d["metadata"]["labels"][api.LABEL_REVISION]: d["spec"]["replicas"] for d in
                             kube.list("apps/v1", "deployments", NAMESPACE, f"{api.LABEL_INSTANCE}=bad-bot")}
                    == {stable["bad-bot"]: 2, bad_revision: 0}, message="all traffic back on stable")

@@ -66,6 +66,9 @@ class Replica:
                              registry=registry)
         self.queue = Gauge("sglang:num_queue_reqs", "queue", ["model_name"], registry=registry)
         self.usage = Gauge("sglang:token_usage", "kv", ["model_name"], registry=registry)
+        # SGLang's HTTP middleware: no base labels.
+        self.responses = Counter("sglang:http_responses_total", "responses", ["endpoint", "status_code", "method"],
+                                 registry=registry)
         self.queue.labels("m").set(0)
         self.usage.labels("m").set(0)
         self.finished.labels("m")
@@ -78,6 +81,13 @@ class Replica:
             self.e2e.labels("m").observe(ttft + 100 * itl)
         if aborted:
             self.aborted.labels("m").inc(aborted)
+        chat = {"endpoint": "/v1/chat/completions", "method": "POST"}
+        if finished:
+            self.responses.labels(status_code="200", **chat).inc(finished)
+        if aborted:
+            self.responses.labels(status_code="500", **chat).inc(aborted)
+        # Probes: GETs, all fine, as many as the requests; they must not dilute the HTTP error rate.
+        self.responses.labels(endpoint="/health", status_code="200", method="GET").inc(finished + aborted)
 
     def page(self) -> str:
         return (generate_openmetrics if self.openmetrics else generate_latest)(self.registry).decode()
@@ -122,21 +132,23 @@ def test_counts_error_rate_and_latency_of_each_revision_over_the_window(openmetr
     canary.serve(finished=45, aborted=5, ttft=1.5)
     assert fleet.scrape(110.0) == 3
 
-    stable = fleet.provider.measure_all(queries("stable"), at=110.0)
-    bad = fleet.provider.measure_all(queries("canary"), at=110.0)
+    stable = fleet.provider.measure_all(queries("stable", http_errors=HttpErrorSource()), at=110.0)
+    bad = fleet.provider.measure_all(queries("canary", http_errors=HttpErrorSource()), at=110.0)
     assert stable[REQUEST_COUNT].value == 100 and stable[ERROR_RATE].value == 0
     assert bad[REQUEST_COUNT].value == 50 and bad[ERROR_RATE].value == pytest.approx(0.1)
+    assert stable[HTTP_ERROR_RATE].value == 0 and bad[HTTP_ERROR_RATE].value == pytest.approx(0.1)
     assert stable[REQUEST_RATE].value == pytest.approx(10.0)  # 100 finished in 10 s
     assert 0.2 < stable[TTFT_P95].value <= 0.4  # only the window's observations: all 0.3 s
     assert 1.0 < bad[TTFT_P95].value <= 2.0
     assert 2.0 < bad[E2E_P95].value <= 4.0
     assert all(m.series_count == 1 and m.error is None for m in (*stable.values(), *bad.values()))
 
-    spec = AnalysisSpec(min_requests=20, max_error_rate=0.02, max_ttft_p95_ratio=1.5)
+    spec = AnalysisSpec(min_requests=20, max_error_rate=0.02, max_ttft_p95_ratio=1.5, max_http_error_rate=0.05)
     run = judge_run(spec, measure_run(fleet.provider, spec, revision_matchers(NAMESPACE, WORKER, "canary"),
                                       revision_matchers(NAMESPACE, WORKER, "stable"), at=110.0))
     assert run.verdict is Verdict.FAILED
-    assert {c.name for c in run.checks if c.verdict is Verdict.FAILED} == {"maxErrorRate", "maxTTFTP95Ratio"}
+    assert {c.name for c in run.checks if c.verdict is Verdict.FAILED} == {
+        "maxErrorRate", "maxTTFTP95Ratio", "maxHTTPErrorRate"}
 
 
 def test_a_healthy_canary_passes():
@@ -215,7 +227,10 @@ def test_missing_data_is_never_a_number_and_never_a_pass():
     regex = revision_queries({"namespace": NAMESPACE, "digitalworker_io_instance": WORKER,
                               "digitalworker_io_revision": ("=~", "canary|stable")}, 10)[REQUEST_COUNT]
     assert fleet.provider.measure(regex, at=5.0).error
-    assert fleet.provider.measure(queries("canary", http_errors=HttpErrorSource())[HTTP_ERROR_RATE], at=5.0).error
+    idle_http = fleet.provider.measure(queries("canary", http_errors=HttpErrorSource())[HTTP_ERROR_RATE], at=5.0)
+    assert idle_http.value is None and idle_http.error is None  # no POST answered: 0/0
+    gateway = HttpErrorSource("http_requests_total", "code", sglang=False, method=None)
+    assert "hand-written" in fleet.provider.measure(queries("canary", http_errors=gateway)[HTTP_ERROR_RATE], at=5.0).error
 
     # Pods exist but none answers: after a window without a successful scrape, metrics are unavailable.
     fleet.scraper.fetch = lambda url: (_ for _ in ()).throw(ConnectionRefusedError(url))

@@ -24,7 +24,7 @@ def test_bad_canary_is_aborted_by_analysis(prometheus):
         # shows none aborted one time in six (0.7^5) and passes; with 30, P = 0.7^30 = 2e-5. The canary
         # gets a quarter of 15 req/s, so the 20 s window holds them after ~8 s.
         "analysis": {"intervalSeconds": 5, "windowSeconds": 20, "minRequests": 30, "failureLimit": 1,
-                     "inconclusiveLimit": 6, "maxErrorRate": 0.02},
+                     "inconclusiveLimit": 6, "maxErrorRate": 0.02, "maxHTTPErrorRate": 0.02},
     })
     bad = copy.deepcopy(body["spec"])
     bad["model"]["revision"] = "v2-bad"
@@ -57,6 +57,8 @@ def test_bad_canary_is_aborted_by_analysis(prometheus):
         assert "analysis failed" in final["rollout"]["abortReason"]
         checks = {c["name"]: c for c in final["rollout"]["analysis"]["checks"]}
         assert checks and any(c["verdict"] == "Failed" for c in checks.values())
+        # SGLang's HTTP response counter, scraped by Prometheus, shows the same failures (POST 500s).
+        assert checks["maxHTTPErrorRate"]["verdict"] == "Failed" and checks["maxHTTPErrorRate"]["value"] > 0.02
         wait_until(lambda: {d["metadata"]["labels"][api.LABEL_REVISION]: d["spec"]["replicas"] for d in
                             kube.list("apps/v1", "deployments", "ai", f"{api.LABEL_INSTANCE}=ana-bot")}
                    == {stable["currentRevision"]: 4, bad_revision: 0}, message="all traffic back on stable")

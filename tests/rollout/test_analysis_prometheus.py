@@ -75,6 +75,9 @@ class SGLangMetrics:
                              registry=self.registry)
         self.queue = Gauge("sglang:num_queue_reqs", "Queue", LABELS, registry=self.registry)
         self.kv = Gauge("sglang:token_usage", "KV usage", LABELS, registry=self.registry)
+        # SGLang's HTTP middleware counter (the revision labels stand for the scrape's relabelling).
+        self.responses = Counter("sglang:http_responses_total", "HTTP responses", [*LABELS, "endpoint", "status_code",
+                                 "method"], registry=self.registry)
         # Not SGLang's: an HTTP status counter as a gateway or sidecar would export it.
         self.http = Counter("http_requests_total", "HTTP responses", [*LABELS, "code"], registry=self.registry)
 
@@ -98,11 +101,16 @@ class SGLangMetrics:
     def request(self, revision: str, ttft: float, itl: float, aborted: bool = False) -> None:
         """As SGLang and the simulator count: an aborted request is not a finished one."""
         labels = self.labels(revision)
+        route = {"endpoint": "/v1/chat/completions", "method": "POST"}
+        # Every request comes with a kubelet probe: GETs, all 200, which must not dilute the rate.
+        self.responses.labels(**labels, endpoint="/health", status_code="200", method="GET").inc()
         if aborted:
             self.aborted.labels(**labels).inc()
+            self.responses.labels(**labels, **route, status_code="500").inc()
             self.http.labels(**labels, code="500").inc()
             return
         self.requests.labels(**labels).inc()
+        self.responses.labels(**labels, **route, status_code="200").inc()
         self.http.labels(**labels, code="200").inc()
         self.ttft.labels(**labels).observe(ttft)
         self.itl.labels(**labels).observe(itl)
@@ -263,16 +271,18 @@ def test_analysis_against_real_prometheus(fleet):
     by_name = {check.name: check for check in result.checks}
     assert result.action is Action.ABORT and by_name["maxErrorRate"].value == 1.0
 
-    # Non-2xx responses from an HTTP counter (opt-in): 5% for "errors", none at all for "stable"
-    # (its code="500" series does not even exist).
-    http = HttpErrorSource("http_requests_total", "code")
-    errors_http = provider.measure(revision_queries(matchers("errors"), WINDOW_SECONDS, http)[HTTP_ERROR_RATE])
-    stable_http = provider.measure(revision_queries(matchers("stable"), WINDOW_SECONDS, http)[HTTP_ERROR_RATE])
-    assert errors_http.value == pytest.approx(0.05, abs=0.02) and stable_http.value == 0.0
+    # Non-2xx POST responses, from SGLang's own counter (the default) and from a gateway's: 5% for
+    # "errors", none at all for "stable" (its status 500 series does not even exist).
+    gateway = HttpErrorSource("http_requests_total", "code", sglang=False, method=None)
+    for source in (HttpErrorSource(), gateway):
+        errors_http = provider.measure(revision_queries(matchers("errors"), WINDOW_SECONDS, source)[HTTP_ERROR_RATE])
+        stable_http = provider.measure(revision_queries(matchers("stable"), WINDOW_SECONDS, source)[HTTP_ERROR_RATE])
+        assert errors_http.value == pytest.approx(0.05, abs=0.02) and stable_http.value == 0.0, source
     http_spec = AnalysisSpec.from_dict({"windowSeconds": WINDOW_SECONDS, "maxHTTPErrorRate": 0.01,
                                         "maxErrorRate": None, "maxTTFTP95Ratio": None, "maxITLP95Ratio": None})
     result, _ = evaluate(AnalysisState.start(0.0), measure_run(provider, http_spec, matchers("errors")), 5.0, http_spec)
     assert result.action is Action.ABORT and result.checks[0].name == "maxHTTPErrorRate"
+    assert result.checks[0].value == pytest.approx(errors_http.value, abs=0.02)
 
     # Twice the TTFT: the absolute TTFT check passes (under 2 s), the relative one aborts.
     run = measure_run(provider, spec, matchers("slow"), matchers("stable"))

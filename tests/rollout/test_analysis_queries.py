@@ -59,10 +59,17 @@ def test_revision_queries_cover_every_measurement():
     assert "num_queue_reqs" in queries[QUEUE_LENGTH].promql and "token_usage" in queries[KV_USAGE].promql
 
 
-def test_http_error_rate_is_opt_in():
+def test_http_error_rate_is_opt_in_and_reads_sglangs_post_responses_by_default():
     assert HTTP_ERROR_RATE not in revision_queries(REVISION, 60)
-    query = revision_queries(REVISION, 60, HttpErrorSource("http_requests_total", "code"))[HTTP_ERROR_RATE].promql
-    assert 'http_requests_total{digitalworker_io_instance="helpdesk"' in query and 'code!~"2.."' in query
+    default = revision_queries(REVISION, 60, HttpErrorSource())[HTTP_ERROR_RATE]
+    assert default.measurement == HTTP_ERROR_RATE  # the in-process scraper can answer it too
+    assert '{__name__=~"sglang[:_]http_responses_total", digitalworker_io_instance="helpdesk"' in default.promql
+    assert 'method="POST"' in default.promql and 'status_code!~"2.."' in default.promql
+    assert "last_over_time(" in default.promql  # counts a series born inside the window
+    gateway = HttpErrorSource("http_requests_total", "code", sglang=False, method=None)
+    query = revision_queries(REVISION, 60, gateway)[HTTP_ERROR_RATE]
+    assert 'http_requests_total{digitalworker_io_instance="helpdesk"' in query.promql and 'code!~"2.."' in query.promql
+    assert "method" not in query.promql and query.measurement is None  # PromQL only
     with pytest.raises(ValueError):
         revision_queries(REVISION, 60, HttpErrorSource("bad metric", "code"))
 
