@@ -146,7 +146,7 @@ class RevisionMetrics:
 
     def record(self, revision: str, ttft: float, itl: float, output_tokens: int, aborted: bool) -> None:
         labels = self.labels(revision)
-        if aborted:  # as SGLang and the simulator count: an aborted request is not a finished one
+        if aborted:  # as SGLang counts a client gone: aborted, not finished
             self.aborted.labels(**labels).inc()
             return
         self.requests.labels(**labels).inc()

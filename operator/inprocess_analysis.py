@@ -11,9 +11,10 @@ Prometheus to ask, yet a canary must still be judged on its numbers. Two parts:
   the window, per pod (a counter that went down is a restarted replica, counted from zero like
   Prometheus does), summed over the revision's pods; quantiles (and, for `latencyRatioConfidence`,
   their bounds) come from the summed bucket increases; the queue is the worst pod's average and KV
-  usage the worst pod's maximum over the window; the HTTP error rate is SGLang's non-2xx POST
-  responses over all its POST responses (`HttpErrorSource`'s default; another counter is PromQL
-  only). Missing data is never a pass: a revision with no pod scraped twice in the window is "no
+  usage the worst pod's maximum over the window; the error rate counts aborted requests and
+  non-2xx POST answers over ended requests, as `error_rate_query`; the HTTP error rate is SGLang's
+  non-2xx POST responses over all its POST responses (`HttpErrorSource`'s default; another
+  counter is PromQL only). Missing data is never a pass: a revision with no pod scraped twice in the window is "no
   data", an error rate of 0/0 is "no number", a worker not scraped lately or a hand-written query
   is a provider error; all of them make the check Inconclusive.
 - `RolloutScraper`, ticked by the operator's periodic loop (periodic.py `run_periodic`, when no
@@ -171,18 +172,19 @@ def revision_measurement(
             level = bound_quantile(quantile, observations, confidence, side)
         value = histogram_quantile(level, list(summed.items()))
         return (value if value is not None and math.isfinite(value) else None), 1
+    def grown(attribute: str, span: Sequence[ScrapeSample]) -> float:
+        return sum(_increase(getattr(a, attribute), getattr(b, attribute)) for a, b in pairwise(span))
+
     if measurement == HTTP_ERROR_RATE:
-        responses = failed = 0.0
-        for span in spans:
-            responses += sum(_increase(a.http_responses_total, b.http_responses_total) for a, b in pairwise(span))
-            failed += sum(_increase(a.http_error_responses_total, b.http_error_responses_total)
-                          for a, b in pairwise(span))
+        responses = sum(grown("http_responses_total", span) for span in spans)
+        failed = sum(grown("http_error_responses_total", span) for span in spans)
         return (failed / responses if responses > 0 else None), 1
-    finished = aborted = rate = 0.0
+    finished = aborted = refused = rate = 0.0
     for span in spans:
-        pod_finished = sum(_increase(a.requests_total, b.requests_total) for a, b in pairwise(span))
+        pod_finished = grown("requests_total", span)
         finished += pod_finished
-        aborted += sum(_increase(a.aborted_requests_total, b.aborted_requests_total) for a, b in pairwise(span))
+        aborted += grown("aborted_requests_total", span)
+        refused += grown("http_error_responses_total", span)
         covered = span[-1].time - span[0].time
         if covered > 0:
             rate += pod_finished / covered
@@ -190,9 +192,10 @@ def revision_measurement(
         return finished + aborted, 1
     if measurement == REQUEST_RATE:
         return rate, 1
-    if measurement == ERROR_RATE:
+    if measurement == ERROR_RATE:  # as error_rate_query: aborted + non-2xx POSTs over ended, at most 1
         ended = finished + aborted
-        return (aborted / ended if ended > 0 else None), 1
+        failed = aborted + refused
+        return (min(1.0, failed / ended) if ended > 0 else (1.0 if failed > 0 else None)), 1
     raise ValueError(f"unsupported measurement {measurement!r}")
 
 

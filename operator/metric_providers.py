@@ -23,6 +23,7 @@ from typing import Any, Mapping
 # Metric names (without the `sglang:`/`sglang_` prefix), as in SGLang's metrics/collector.py.
 REQUESTS_TOTAL = "num_requests_total"
 ABORTED_REQUESTS_TOTAL = "num_aborted_requests_total"
+HTTP_RESPONSES_TOTAL = "http_responses_total"  # SGLang's HTTP middleware: {endpoint, status_code, method}
 TTFT_HISTOGRAM = "time_to_first_token_seconds"
 ITL_HISTOGRAM = "inter_token_latency_seconds"
 E2E_HISTOGRAM = "e2e_request_latency_seconds"
@@ -204,6 +205,27 @@ def counter_growth(selector: str, window: str) -> str:
     return f"(sum(last_over_time({selector}[{window}])) - (sum({selector} offset {window}) or vector(0)))"
 
 
+@dataclass(frozen=True)
+class HttpErrorSource:
+    """The HTTP response counter `maxHTTPErrorRate` reads.
+
+    Default: SGLang's `sglang:http_responses_total{endpoint, status_code, method}`, which every
+    replica exports with `--enable-metrics` (the launcher always passes it). Only POSTs count:
+    the inference routes are POSTs, while kubelet probes and Prometheus scrapes are GETs that
+    would dilute a failing canary's rate. A gateway's counter (e.g. `http_requests_total{code}`)
+    also works: `HttpErrorSource("http_requests_total", "code", sglang=False, method=None)`;
+    only Prometheus can answer that one (the in-process provider reads SGLang's pages only)."""
+
+    metric: str = HTTP_RESPONSES_TOTAL
+    status_label: str = "status_code"
+    sglang: bool = True  # the name is `sglang:<metric>` or `sglang_<metric>`, not `<metric>`
+    method: str | None = "POST"
+
+    @property
+    def is_sglang_default(self) -> bool:
+        return self == HttpErrorSource()
+
+
 def _ended_requests(matchers: LabelMatchers, window: str) -> tuple[str, str]:
     """(finished, aborted) requests over the window, each 0 when its series is absent (a healthy
     replica may have no aborted series at all: `or vector(0)` makes that 0)."""
@@ -226,35 +248,45 @@ def request_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
 
 
 def error_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
-    """Aborted requests over requests that ended in the window (finished + aborted).
+    """Failed requests over requests that ended in the window (finished + aborted), at most 1.
 
-    SGLang counts `num_requests_total` when a request finishes and `num_aborted_requests_total`
-    when one is aborted; dividing by their sum keeps the rate within 0..1 and makes a revision that
-    aborts everything read 100%. No requests at all is 0/0 = NaN: Inconclusive, never a pass."""
-    finished, aborted = _ended_requests(matchers, _window(window_seconds))
-    return f"{aborted} / ({finished} + {aborted})"
+    Failed is what SGLang 0.5.23 lets one see: requests it aborted (`num_aborted_requests_total`:
+    a client gone, `/abort_request`, a handler failing) plus non-2xx answers to POSTs
+    (`http_responses_total`). A request the scheduler ends with an error (an internal 500, a
+    request it cannot serve) counts as *finished* in `num_requests_total`, never as aborted; its
+    HTTP status is what shows it. Aborted ones are in the denominator too, so a revision that
+    aborts everything reads 100%. No requests at all is 0/0 = NaN: Inconclusive, never a pass.
+    Blind spot (SGLang's, not this query's): a stream that fails after it started with 200."""
+    window = _window(window_seconds)
+    finished, aborted = _ended_requests(matchers, window)
+    failed_http, _ = _http_selectors(matchers, HttpErrorSource())
+    refused = f"({counter_growth(failed_http, window)} or vector(0))"
+    return f"clamp_max(({aborted} + {refused}) / ({finished} + {aborted}), 1)"
 
 
-def http_error_rate_query(matchers: LabelMatchers, window_seconds: float, source: "HttpErrorSource") -> str:
-    """Non-2xx responses over all responses in the window, from an HTTP response counter with a
-    status label: SGLang's own by default, or a gateway's / sidecar's (`HttpErrorSource`).
-
-    Counted with `counter_growth`: a canary's first 5xx creates its `status_code="500"` series,
-    whose first value `increase()` would drop. No responses at all: no number, Inconclusive."""
+def _http_selectors(matchers: LabelMatchers, source: HttpErrorSource) -> tuple[str, str]:
+    """(non-2xx responses, all responses) series selectors of `source` for one revision."""
     if not _LABEL_NAME.match(source.metric) or not _LABEL_NAME.match(source.status_label):
         raise ValueError(f"invalid HTTP metric {source.metric!r} or status label {source.status_label!r}")
-    window = _window(window_seconds)
     selected = dict(matchers)
     if source.method is not None:
         selected["method"] = source.method
     failed_matcher = f'{source.status_label}!~"2.."'
     if source.sglang:
-        failed_selector = sglang_selector(source.metric, selected, failed_matcher)
-        all_selector = sglang_selector(source.metric, selected)
-    else:
-        rendered = render_matchers(selected)
-        failed_selector = f"{source.metric}{{{', '.join(filter(None, [rendered, failed_matcher]))}}}"
-        all_selector = f"{source.metric}{{{rendered}}}"
+        return sglang_selector(source.metric, selected, failed_matcher), sglang_selector(source.metric, selected)
+    rendered = render_matchers(selected)
+    return (f"{source.metric}{{{', '.join(filter(None, [rendered, failed_matcher]))}}}",
+            f"{source.metric}{{{rendered}}}")
+
+
+def http_error_rate_query(matchers: LabelMatchers, window_seconds: float, source: HttpErrorSource) -> str:
+    """Non-2xx responses over all responses in the window, from an HTTP response counter with a
+    status label: SGLang's own by default, or a gateway's / sidecar's (`HttpErrorSource`).
+
+    Counted with `counter_growth`: a canary's first 5xx creates its `status_code="500"` series,
+    whose first value `increase()` would drop. No responses at all: no number, Inconclusive."""
+    window = _window(window_seconds)
+    failed_selector, all_selector = _http_selectors(matchers, source)
     return f"({counter_growth(failed_selector, window)} or vector(0)) / {counter_growth(all_selector, window)}"
 
 
@@ -294,27 +326,6 @@ def gauge_average_query(gauge: str, matchers: LabelMatchers, window_seconds: flo
 def gauge_max_query(gauge: str, matchers: LabelMatchers, window_seconds: float) -> str:
     """The highest value any replica of the revision reported in the window (0..1 for KV usage)."""
     return f"max(max_over_time({sglang_selector(gauge, matchers)}[{_window(window_seconds)}]))"
-
-
-@dataclass(frozen=True)
-class HttpErrorSource:
-    """The HTTP response counter `maxHTTPErrorRate` reads.
-
-    Default: SGLang's `sglang:http_responses_total{endpoint, status_code, method}`, which every
-    replica exports with `--enable-metrics` (the launcher always passes it). Only POSTs count:
-    the inference routes are POSTs, while kubelet probes and Prometheus scrapes are GETs that
-    would dilute a failing canary's rate. A gateway's counter (e.g. `http_requests_total{code}`)
-    also works: `HttpErrorSource("http_requests_total", "code", sglang=False, method=None)`;
-    only Prometheus can answer that one (the in-process provider reads SGLang's pages only)."""
-
-    metric: str = "http_responses_total"
-    status_label: str = "status_code"
-    sglang: bool = True  # the name is `sglang:<metric>` or `sglang_<metric>`, not `<metric>`
-    method: str | None = "POST"
-
-    @property
-    def is_sglang_default(self) -> bool:
-        return self == HttpErrorSource()
 
 
 def revision_queries(

@@ -288,7 +288,7 @@ def render_full(answers: Answers, filename: str) -> str:
         "      minRequests: 20    # fewer requests in the window: Inconclusive (the rollout pauses, never passes)\n"
         "      successfulRuns: 2    # passing measurements needed to continue\n"
         "      failureLimit: 2    # consecutive failing measurements that abort: stable takes all traffic back\n"
-        "      maxErrorRate: 0.02    # canary 5xx share\n"
+        "      maxErrorRate: 0.02    # canary requests failed (non-2xx or aborted) over ended ones\n"
         "      maxTTFTP95Ratio: 1.5    # canary TTFT p95 at most 1.5x the stable's in the same window\n"
         "    canary:\n"
         "      maxSurge: 25%    # extra replicas allowed while both revisions run\n"

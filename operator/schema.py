@@ -165,7 +165,8 @@ ANALYSIS_FIELDS: dict[str, Any] = {
                               minimum=1, maximum=100),
     "initialDelaySeconds": _num("Delay before the first measurement (default: one interval).",
                                 minimum=0, maximum=3600),
-    "maxErrorRate": _num(minimum=0, maximum=1),
+    "maxErrorRate": _num("Failed over ended requests: aborted ones plus non-2xx answers to POSTs.",
+                         minimum=0, maximum=1),
     "errorRateConfidence": _num("Judge maxErrorRate by a one-sided Wilson bound at this confidence "
                                 "(Inconclusive until the requests tell either way).", minimum=0.5, maximum=0.999),
     "maxHTTPErrorRate": _num("Non-2xx share of the POST responses in SGLang's sglang:http_responses_total.",

@@ -8,7 +8,8 @@ Timing follows the shared performance model in real (wall-clock) time: requests 
 batched, are prefilled in chunks, then decode token by token, so TTFT grows with load.
 
 Faults, by config or at run time through ``POST /admin/faults`` (JSON, any subset):
-``error_rate`` (share of generation requests answered with HTTP 500), ``latency_factor`` (every
+``error_rate`` (share of generation requests the scheduler fails: HTTP 500, counted as SGLang
+counts them, finished and not aborted), ``latency_factor`` (every
 engine step takes that many times longer), ``hang`` (generation and health checks stop answering;
 health checks give 503 after `health_check_timeout`, as SGLang's do), ``crash`` (the server stops
 listening at once; the CLI process exits 1), ``cold_start_seconds`` (restart the warm-up clock).
@@ -19,6 +20,10 @@ task asleep whenever its engine has nothing to do, and a CollectorRegistry per s
 
 Token counts are estimated (one token per 4 bytes of text, plus 4 per chat message for the
 template): the simulator has no tokenizer, and only the counts matter to the model.
+
+Known difference: a streaming request failed before its first token gets a plain HTTP 500 here.
+SGLang 0.5.23 answers a scheduler failure on a stream with 200 and an SSE error event, which
+none of its metrics can tell from success; only HTTP 400 validation errors come before the stream.
 """
 from __future__ import annotations
 
@@ -313,7 +318,8 @@ class SimulatedSGLang:
         if self.faults.hang:
             await self._hang()
         if self.faults.error_rate and self.random.random() < self.faults.error_rate:
-            self.metrics.child("sglang:num_aborted_requests_total").inc()
+            # As a scheduler ending a request with FINISH_ABORT(500): SGLang counts it finished, not aborted.
+            self._record_rejected(prompt_tokens, streaming)
             raise _RequestError(500, "Injected failure (digital-worker simulator)", "InternalServerError")
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
@@ -325,8 +331,8 @@ class SimulatedSGLang:
             while True:
                 event = await queue.get()
                 if isinstance(event, Aborted):
-                    done = True
-                    self.metrics.child("sglang:num_aborted_requests_total").inc()
+                    done = True  # the scheduler refused it (FINISH_ABORT(400)): finished, as SGLang counts it
+                    self._record_rejected(prompt_tokens, streaming)
                     raise _RequestError(400, event.reason)
                 if isinstance(event, Finished):
                     done = True
@@ -347,6 +353,18 @@ class SimulatedSGLang:
             if self._runner is None or self.crashed.is_set() or self._hang_release is None:
                 raise _RequestError(503, "server stopped", "ServiceUnavailableError")
             await self._hang_release.wait()
+
+    def _record_rejected(self, prompt_tokens: int, streaming: bool) -> None:
+        """A request the scheduler ended with an error status. SGLang 0.5.23 (tokenizer_manager
+        `collect_metrics`) counts it in `num_requests_total` whatever its finish reason, with its
+        prompt and end-to-end latency; `num_aborted_requests_total` is only for `abort_request`
+        (a client gone, the abort endpoint). Its HTTP status is what tells it apart."""
+        is_streaming = {"is_streaming": "true" if streaming else "false"}
+        metrics = self.metrics
+        metrics.child("sglang:prompt_tokens_total", **is_streaming).inc(prompt_tokens)
+        metrics.child("sglang:generation_tokens_total", **is_streaming).inc(0)
+        metrics.child("sglang:num_requests_total", **is_streaming).inc()
+        metrics.child("sglang:e2e_request_latency_seconds", **is_streaming).observe(0.0)
 
     def _record_finished(self, event: Finished, streaming: bool) -> None:
         is_streaming = {"is_streaming": "true" if streaming else "false"}

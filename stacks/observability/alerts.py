@@ -39,8 +39,8 @@ def alert_rules() -> list[dict]:
         _alert("DigitalWorkerHighErrorRate",
                f"{error_share('1m')} > {ERROR_SHARE_THRESHOLD}", "critical",
                f"{WORKER}: {{{{ $value | humanizePercentage }}}} of requests fail",
-               "More than 10% of the requests that ended were aborted by SGLang (internal errors answered "
-               "5xx, or clients hanging up) for 2 minutes.", "2m"),
+               "More than 10% of the requests that ended failed for 2 minutes: answered non-2xx by SGLang "
+               "(internal errors) or aborted (clients hanging up).", "2m"),
         _alert("DigitalWorkerRequestTimeouts",
                f"{timeout_share('5m')} > {TIMEOUT_SHARE_THRESHOLD}", "warning",
                f"{WORKER}: {{{{ $value | humanizePercentage }}}} of requests wait over {TIMEOUT_SECONDS}s",

@@ -42,9 +42,9 @@ def _rows() -> list[tuple[str, list[dict]]]:
         ("Traffic", [
             _panel("Requests per second", [(requests, WORKER_LEGEND)], "reqps",
                    "Requests SGLang finished per second, per worker."),
-            _panel("Errors (aborted share)", [(error_share(RATE, WORKER_FILTER), WORKER_LEGEND)], "percentunit",
-                   "Aborted over ended requests: internal errors (5xx) and clients hanging up. Alert at 10% "
-                   "for 2 minutes."),
+            _panel("Errors (aborted or non-2xx share)", [(error_share(RATE, WORKER_FILTER), WORKER_LEGEND)], "percentunit",
+                   "Aborted requests (clients hanging up, aborts) and non-2xx answers (internal errors) over "
+                   "ended requests. Alert at 10% for 2 minutes."),
             _panel("Timeouts (first byte after 60 s)", [(timeout_share(RATE, WORKER_FILTER), WORKER_LEGEND)],
                    "percentunit", "Share of requests whose first byte came after 60 s (TTFT when streaming, "
                    "end-to-end otherwise). Alert at 5%."),

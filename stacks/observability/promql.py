@@ -13,11 +13,11 @@ Where the numbers come from:
 
 What stands for what:
 
-- **Errors ("5xx")**: requests SGLang aborted, over requests that ended (finished + aborted), as the
-  rollout analysis counts them (`operator/metric_providers.py`). An internal error (HTTP 500, the
-  simulator's injected failures) ends as an aborted request; so does a client hanging up. SGLang's
-  `http_responses_total` is not used: it counts a stream by the status it started with, so a
-  stream failing after its first token is a 200 there.
+- **Errors ("5xx")**: requests SGLang aborted (a client gone, the abort endpoint) plus non-2xx
+  answers to POSTs (`http_responses_total`), over requests that ended (finished + aborted), as the
+  rollout analysis counts them (`operator/metric_providers.py`). A request SGLang's scheduler fails
+  (an internal 500) counts as finished there, so only its status shows it. A stream that fails
+  after starting with 200 shows in none of SGLang's metrics.
 - **Timeouts**: requests whose client waited longer than `TIMEOUT_SECONDS` for the first byte of its
   answer, which is what a gateway's read timeout cuts: time to first token for streaming
   requests, end-to-end latency for the others, read from SGLang's histograms (60 s is one of
@@ -29,8 +29,9 @@ What stands for what:
 """
 from __future__ import annotations
 
-from digital_worker.operator.metric_providers import (ABORTED_REQUESTS_TOTAL, E2E_HISTOGRAM, INSTANCE_LABEL,
-                                                      NAMESPACE_LABEL, REQUESTS_TOTAL, TTFT_HISTOGRAM)
+from digital_worker.operator.metric_providers import (ABORTED_REQUESTS_TOTAL, E2E_HISTOGRAM, HTTP_RESPONSES_TOTAL,
+                                                      INSTANCE_LABEL, NAMESPACE_LABEL, REQUESTS_TOTAL,
+                                                      TTFT_HISTOGRAM)
 
 WORKER_LABELS = f"{NAMESPACE_LABEL}, {INSTANCE_LABEL}"
 TIMEOUT_SECONDS = 60
@@ -58,11 +59,15 @@ def sum_rate(selector: str, window: str, by: str = WORKER_LABELS) -> str:
 
 
 def error_share(window: str, matchers: str = "", by: str = WORKER_LABELS) -> str:
-    """Aborted over ended requests per worker. A worker that finished nothing and aborted
-    everything reads 1, not "no data" (`or ... * 0` stands in for the missing finished series)."""
+    """Aborted requests plus non-2xx POST answers over ended requests per worker, at most 1. Any
+    of the three series may be absent (`or ... * 0` stands in for it): a worker that finished
+    nothing and aborted everything reads 1, not "no data"."""
     aborted = sum_rate(sglang(ABORTED_REQUESTS_TOTAL, matchers), window, by)
+    refused = sum_rate(sglang(HTTP_RESPONSES_TOTAL, matchers, 'method="POST"', 'status_code!~"2.."'), window, by)
     finished = sum_rate(sglang(REQUESTS_TOTAL, matchers), window, by)
-    return f"{aborted} / ({aborted} + ({finished} or {aborted} * 0))"
+    failed = f"(({aborted} or {refused} * 0) + ({refused} or {aborted} * 0))"
+    ended = f"(({aborted} or {finished} * 0) + ({finished} or {aborted} * 0))"
+    return f"clamp_max({failed} / {ended}, 1)"
 
 
 def timeout_share(window: str, matchers: str = "", by: str = WORKER_LABELS,

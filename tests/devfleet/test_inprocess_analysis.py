@@ -73,7 +73,9 @@ class Replica:
         self.usage.labels("m").set(0)
         self.finished.labels("m")
 
-    def serve(self, finished: int = 0, aborted: int = 0, ttft: float = 0.3, itl: float = 0.02) -> None:
+    def serve(self, finished: int = 0, aborted: int = 0, ttft: float = 0.3, itl: float = 0.02, failed: int = 0) -> None:
+        """`finished` served well; `failed` ended by the scheduler with HTTP 500 (SGLang counts them
+        finished too); `aborted` by clients gone (counted aborted, no response)."""
         for _ in range(finished):
             self.finished.labels("m").inc()
             self.ttft.labels("m").observe(ttft)
@@ -84,10 +86,11 @@ class Replica:
         chat = {"endpoint": "/v1/chat/completions", "method": "POST"}
         if finished:
             self.responses.labels(status_code="200", **chat).inc(finished)
-        if aborted:
-            self.responses.labels(status_code="500", **chat).inc(aborted)
+        if failed:
+            self.finished.labels("m").inc(failed)
+            self.responses.labels(status_code="500", **chat).inc(failed)
         # Probes: GETs, all fine, as many as the requests; they must not dilute the HTTP error rate.
-        self.responses.labels(endpoint="/health", status_code="200", method="GET").inc(finished + aborted)
+        self.responses.labels(endpoint="/health", status_code="200", method="GET").inc(finished + aborted + failed)
 
     def page(self) -> str:
         return (generate_openmetrics if self.openmetrics else generate_latest)(self.registry).decode()
@@ -129,14 +132,15 @@ def test_counts_error_rate_and_latency_of_each_revision_over_the_window(openmetr
     fleet.scrape(100.0)
     stable_a.serve(finished=60, ttft=0.3)
     stable_b.serve(finished=40, ttft=0.3)
-    canary.serve(finished=45, aborted=5, ttft=1.5)
+    canary.serve(finished=43, failed=5, aborted=2, ttft=1.5)
     assert fleet.scrape(110.0) == 3
 
     stable = fleet.provider.measure_all(queries("stable", http_errors=HttpErrorSource()), at=110.0)
     bad = fleet.provider.measure_all(queries("canary", http_errors=HttpErrorSource()), at=110.0)
     assert stable[REQUEST_COUNT].value == 100 and stable[ERROR_RATE].value == 0
-    assert bad[REQUEST_COUNT].value == 50 and bad[ERROR_RATE].value == pytest.approx(0.1)
-    assert stable[HTTP_ERROR_RATE].value == 0 and bad[HTTP_ERROR_RATE].value == pytest.approx(0.1)
+    assert bad[REQUEST_COUNT].value == 50 and bad[ERROR_RATE].value == pytest.approx(7 / 50)
+    # Failed: 2 aborted + 5 answered 500 of 50 ended; the HTTP view: 5 non-2xx of 48 POST answers.
+    assert stable[HTTP_ERROR_RATE].value == 0 and bad[HTTP_ERROR_RATE].value == pytest.approx(5 / 48)
     assert stable[REQUEST_RATE].value == pytest.approx(10.0)  # 100 finished in 10 s
     assert 0.2 < stable[TTFT_P95].value <= 0.4  # only the window's observations: all 0.3 s
     assert 1.0 < bad[TTFT_P95].value <= 2.0

@@ -5,7 +5,7 @@ Two small metric servers expose SGLang's metric names, types and buckets for sev
 - server "colon" answers in the classic text format: `sglang:num_requests_total`;
 - server "underscore" answers in OpenMetrics, as prometheus_client does for Prometheus:
   `sglang_num_requests_total`.
-Revisions: stable and errors (5% aborted) on the colon server; healthy, slow (2x TTFT) and idle
+Revisions: stable and errors (5% failed with HTTP 500) on the colon server; healthy, slow (2x TTFT) and idle
 (series present, no traffic) on the underscore server.
 """
 from __future__ import annotations
@@ -98,18 +98,21 @@ class SGLangMetrics:
         self.queue.labels(**labels).set(0)
         self.kv.labels(**labels).set(0)
 
-    def request(self, revision: str, ttft: float, itl: float, aborted: bool = False) -> None:
-        """As SGLang and the simulator count: an aborted request is not a finished one."""
+    def request(self, revision: str, ttft: float, itl: float, outcome: str = "ok") -> None:
+        """As SGLang 0.5.23 counts: a request its scheduler fails ("failed": an internal 500) is
+        *finished* and answered 500; an "aborted" one (the client gone) is counted aborted only."""
         labels = self.labels(revision)
         route = {"endpoint": "/v1/chat/completions", "method": "POST"}
         # Every request comes with a kubelet probe: GETs, all 200, which must not dilute the rate.
         self.responses.labels(**labels, endpoint="/health", status_code="200", method="GET").inc()
-        if aborted:
+        if outcome == "aborted":
             self.aborted.labels(**labels).inc()
+            return
+        self.requests.labels(**labels).inc()
+        if outcome == "failed":
             self.responses.labels(**labels, **route, status_code="500").inc()
             self.http.labels(**labels, code="500").inc()
             return
-        self.requests.labels(**labels).inc()
         self.responses.labels(**labels, **route, status_code="200").inc()
         self.http.labels(**labels, code="200").inc()
         self.ttft.labels(**labels).observe(ttft)
@@ -166,11 +169,11 @@ class Traffic:
                 self.colon.request("stable", ttft=0.3, itl=0.012)
                 self.underscore.request("healthy", ttft=0.3, itl=0.012)
                 self.underscore.request("slow", ttft=0.7, itl=0.012)
-            # 1 in 20 of this revision's requests is aborted: a 5% error rate.
+            # 1 in 20 of this revision's requests fails in the scheduler (HTTP 500): a 5% error rate.
             self.errors_sent += 1
-            self.colon.request("errors", ttft=0.3, itl=0.012, aborted=self.errors_sent % 20 == 0)
-            # A revision that fails every request finishes none.
-            self.colon.request("broken", ttft=0.3, itl=0.012, aborted=True)
+            self.colon.request("errors", ttft=0.3, itl=0.012, outcome="failed" if self.errors_sent % 20 == 0 else "ok")
+            # A revision whose every request is aborted finishes none.
+            self.colon.request("broken", ttft=0.3, itl=0.012, outcome="aborted")
             self.colon.queue.labels(**self.colon.labels("stable")).set(3)
             self.underscore.kv.labels(**self.underscore.labels("healthy")).set(0.42)
             self.stop_event.wait(0.05)
@@ -255,7 +258,7 @@ def test_analysis_against_real_prometheus(fleet):
     assert result.verdict is Verdict.SUCCESSFUL, result.message
     assert result.action is Action.PASS and AnalysisState.from_dict(state.to_dict()) == state
 
-    # 5% aborted requests: the absolute error-rate check fails and the analysis aborts.
+    # 5% of requests failed by the scheduler (finished, answered 500): the error-rate check fails.
     run = measure_run(provider, spec, matchers("errors"), matchers("stable"))
     result, _ = evaluate(AnalysisState.start(0.0), run, 5.0, spec)
     assert result.action is Action.ABORT and result.reason == REASON_FAILED

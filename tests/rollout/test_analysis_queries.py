@@ -53,7 +53,10 @@ def test_revision_queries_cover_every_measurement():
     assert "e2e_request_latency_seconds_bucket" in queries[E2E_P95].promql
     # Aborted requests counted from a series' first sample on (increase() would drop the first ones).
     assert queries[ERROR_RATE].promql.startswith(
-        "((sum(last_over_time({__name__=~\"sglang[:_]num_aborted_requests_total\"")
+        "clamp_max((((sum(last_over_time({__name__=~\"sglang[:_]num_aborted_requests_total\"")
+    # ... and the scheduler's failures, which SGLang counts as finished: non-2xx POST answers.
+    assert 'http_responses_total", digitalworker_io_instance="helpdesk"' in queries[ERROR_RATE].promql
+    assert 'method="POST", namespace="team-a", status_code!~"2.."' in queries[ERROR_RATE].promql
     assert "offset 90s" in queries[ERROR_RATE].promql
     assert "or vector(0)" in queries[ERROR_RATE].promql
     assert "num_queue_reqs" in queries[QUEUE_LENGTH].promql and "token_usage" in queries[KV_USAGE].promql
