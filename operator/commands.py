@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dev.add_argument("--report", default=".digital-worker/report", metavar="DIR",
                      help="where the tour writes its charts and summary (default: %(default)s)")
     dev.add_argument("--duration", type=float, default=None,
-                     help="with --no-tour: stop after this many seconds instead of waiting for Ctrl-C")
+                     help="stop after this many seconds, as Ctrl-C would (the tour still writes its report)")
     dev.add_argument("--timeout", type=float, default=60.0,
                      help="with --no-tour: seconds to wait for the DigitalWorker to become Ready (default: %(default)s)")
     dev.set_defaults(handler=cmd_dev)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Mapping
 
-# Metric names (without the `sglang:`/`sglang_` prefix), as in SGLang's metrics/collector.py.
+# Metric names (without the `sglang:`/`sglang_` prefix), as in SGLang's srt/observability/
+# metrics_collector.py and http_request_metrics.py.
 REQUESTS_TOTAL = "num_requests_total"
 ABORTED_REQUESTS_TOTAL = "num_aborted_requests_total"
 HTTP_RESPONSES_TOTAL = "http_responses_total"  # SGLang's HTTP middleware: {endpoint, status_code, method}

@@ -23,7 +23,8 @@ What stands for what:
   requests, end-to-end latency for the others, read from SGLang's histograms (60 s is one of
   their bucket bounds, and nginx's default `proxy_read_timeout`).
 - **CPU**: a container's CPU use (kubelet's cAdvisor, `container_cpu_usage_seconds_total`) over its
-  CPU limit, or its request when it has no limit (the runtime pods have requests only), from
+  CPU limit, or its request when it has no limit (the runtime pods have requests only, and only
+  when `spec.runtime.resources.cpu` sets one: without, the alert cannot cover them), from
   kube-state-metrics. Both come with the platform's Prometheus (the Helm chart's
   `kubernetes-nodes-cadvisor` job and its kube-state-metrics; kube-prometheus-stack has both too).
 """
