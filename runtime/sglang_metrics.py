@@ -108,7 +108,8 @@ class SGLangMetrics:
         for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:gen_throughput",
                      "sglang:cache_hit_rate", "sglang:token_usage"):
             self.set(name, 0.0)
-        self.child("sglang:num_aborted_requests_total")
+        # Labelled counters (aborted requests, HTTP responses by status) appear at their first
+        # increment, as in SGLang: queries must read an absent series as 0.
 
     def child(self, name: str, **extra: str):
         spec, metric = self._metrics[name]
