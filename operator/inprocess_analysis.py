@@ -14,9 +14,9 @@ Prometheus to ask, yet a canary must still be judged on its numbers. Two parts:
   usage the worst pod's maximum over the window; the error rate counts aborted requests and
   non-2xx POST answers over ended requests, as `error_rate_query`; the HTTP error rate is SGLang's
   non-2xx POST responses over all its POST responses (`HttpErrorSource`'s default; another
-  counter is PromQL only). Missing data is never a pass: a revision with no pod scraped twice in the window is "no
-  data", an error rate of 0/0 is "no number", a worker not scraped lately or a hand-written query
-  is a provider error; all of them make the check Inconclusive.
+  counter is PromQL only). Missing data is never a pass: a revision with no pod scraped twice in
+  the window is "no data", an error rate of 0/0 is "no number", a worker not scraped lately or a
+  hand-written query is a provider error; all of them make the check Inconclusive.
 - `RolloutScraper`, ticked by the operator's periodic loop (periodic.py `run_periodic`, when no
   Prometheus URL is set): it scrapes only workers whose rollout is Progressing, each at a cadence
   derived from its analysis window (a fifth of the shortest window, 1 to 10 s), and forgets a
@@ -172,6 +172,7 @@ def revision_measurement(
             level = bound_quantile(quantile, observations, confidence, side)
         value = histogram_quantile(level, list(summed.items()))
         return (value if value is not None and math.isfinite(value) else None), 1
+
     def grown(attribute: str, span: Sequence[ScrapeSample]) -> float:
         return sum(_increase(getattr(a, attribute), getattr(b, attribute)) for a, b in pairwise(span))
 

@@ -1,9 +1,9 @@
 """The DigitalWorker API: one Python source of truth for the CRD, its OpenAPI v3 schema and CEL rules.
 
 `crd_manifest()` is what `digital-worker crd` prints and what the stacks deploy; `spec.py`
-(`validate`, `normalize_spec`) checks objects against the very same schema (including evaluating the same CEL rules), because
-objects can reach the operator without admission (the emulated API enforces nothing, and objects
-stored before a CRD upgrade were never checked against the new rules).
+(`validate`, `normalize_spec`) checks objects against the very same schema (including evaluating
+the same CEL rules), because objects can reach the operator without admission (the emulated API
+enforces nothing, and objects stored before a CRD upgrade were never checked against the new rules).
 """
 from __future__ import annotations
 

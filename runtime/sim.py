@@ -9,8 +9,8 @@ batched, are prefilled in chunks, then decode token by token, so TTFT grows with
 
 Faults, by config or at run time through ``POST /admin/faults`` (JSON, any subset):
 ``error_rate`` (share of generation requests the scheduler fails: HTTP 500, counted as SGLang
-counts them, finished and not aborted), ``latency_factor`` (every
-engine step takes that many times longer), ``hang`` (generation and health checks stop answering;
+counts them, finished and not aborted), ``latency_factor`` (every engine step takes that many
+times longer), ``hang`` (generation and health checks stop answering;
 health checks give 503 after `health_check_timeout`, as SGLang's do), ``crash`` (the server stops
 listening at once; the CLI process exits 1), ``cold_start_seconds`` (restart the warm-up clock).
 ``GET /admin/faults`` shows them.
