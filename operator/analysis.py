@@ -36,6 +36,7 @@ from digital_worker.operator.metric_providers import (
     LOWER,
     QUEUE_LENGTH,
     REQUEST_COUNT,
+    SGLANG_HTTP_RESPONSES,
     TTFT_P95,
     UPPER,
     HttpErrorSource,
@@ -768,7 +769,7 @@ def run_queries(
     needed_canary = {REQUEST_COUNT} | {check.metric for check in spec.checks()} | bounds
     needed_stable = {REQUEST_COUNT} | {check.metric for check in spec.checks() if check.relative} | bounds
     if spec.max_http_error_rate is not None and http_errors is None:
-        http_errors = HttpErrorSource()
+        http_errors = SGLANG_HTTP_RESPONSES
     confidence = spec.latency_ratio_confidence
     canary_all = revision_queries(canary_matchers, spec.window_seconds, http_errors, confidence=confidence)
     canary = {name: query for name, query in canary_all.items() if name in needed_canary}

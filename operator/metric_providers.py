@@ -224,7 +224,30 @@ class HttpErrorSource:
 
     @property
     def is_sglang_default(self) -> bool:
-        return self == HttpErrorSource()
+        return self == SGLANG_HTTP_RESPONSES
+
+    @property
+    def scope(self) -> dict[str, str]:
+        """Label matchers of the responses that count (the POSTs, for SGLang's counter)."""
+        return {"method": self.method} if self.method is not None else {}
+
+    @property
+    def failure_matcher(self) -> str:
+        """The PromQL matcher of the failed ones among them: any status but 2xx."""
+        return f'{self.status_label}!~"{_SUCCESS_STATUS}"'
+
+    def counts(self, labels: Mapping[str, str]) -> bool:
+        """`scope` on one sample's labels (for parsers of /metrics pages)."""
+        return all(labels.get(label) == value for label, value in self.scope.items())
+
+    def failed(self, labels: Mapping[str, str]) -> bool:
+        """`failure_matcher` on one sample's labels (PromQL regexes are anchored: a full match)."""
+        return re.fullmatch(_SUCCESS_STATUS, labels.get(self.status_label, "")) is None
+
+
+_SUCCESS_STATUS = "2.."
+# What SGLang itself exports, and what `maxHTTPErrorRate` and the error rate read by default.
+SGLANG_HTTP_RESPONSES = HttpErrorSource()
 
 
 def _ended_requests(matchers: LabelMatchers, window: str) -> tuple[str, str]:
@@ -260,7 +283,7 @@ def error_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
     Blind spot (SGLang's, not this query's): a stream that fails after it started with 200."""
     window = _window(window_seconds)
     finished, aborted = _ended_requests(matchers, window)
-    failed_http, _ = _http_selectors(matchers, HttpErrorSource())
+    failed_http, _ = _http_selectors(matchers, SGLANG_HTTP_RESPONSES)
     refused = f"({counter_growth(failed_http, window)} or vector(0))"
     return f"clamp_max(({aborted} + {refused}) / ({finished} + {aborted}), 1)"
 
@@ -269,10 +292,8 @@ def _http_selectors(matchers: LabelMatchers, source: HttpErrorSource) -> tuple[s
     """(non-2xx responses, all responses) series selectors of `source` for one revision."""
     if not _LABEL_NAME.match(source.metric) or not _LABEL_NAME.match(source.status_label):
         raise ValueError(f"invalid HTTP metric {source.metric!r} or status label {source.status_label!r}")
-    selected = dict(matchers)
-    if source.method is not None:
-        selected["method"] = source.method
-    failed_matcher = f'{source.status_label}!~"2.."'
+    selected = {**matchers, **source.scope}
+    failed_matcher = source.failure_matcher
     if source.sglang:
         return sglang_selector(source.metric, selected, failed_matcher), sglang_selector(source.metric, selected)
     rendered = render_matchers(selected)

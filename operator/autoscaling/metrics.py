@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, Mapping, Protocol, Sequence
 
+from digital_worker.operator.metric_providers import SGLANG_HTTP_RESPONSES
+
 from .history import (
     GENERATION_TOKEN_RATE,
     GPU_MEMORY_USED,
@@ -188,7 +190,8 @@ class ScrapeSample:
     # Read for rollout analysis (operator/inprocess_analysis.py), not by the autoscaler.
     aborted_requests_total: float = 0.0
     e2e_buckets: tuple[tuple[float, float], ...] = ()
-    # SGLang's `http_responses_total` for POSTs (the inference routes): all, and the non-2xx ones.
+    # SGLang's `http_responses_total` for POSTs (the inference routes): all, and the non-2xx ones
+    # (`metric_providers.SGLANG_HTTP_RESPONSES`).
     http_responses_total: float = 0.0
     http_error_responses_total: float = 0.0
 
@@ -231,9 +234,9 @@ def parse_sglang_exposition(texts: Iterable[str], now: float) -> ScrapeSample:
                 elif short == "e2e_request_latency_seconds_bucket":
                     bound = float(sample.labels.get("le", "inf"))
                     e2e_buckets[bound] = e2e_buckets.get(bound, 0.0) + sample.value
-                elif short == "http_responses_total" and sample.labels.get("method") == "POST":
+                elif short == SGLANG_HTTP_RESPONSES.metric and SGLANG_HTTP_RESPONSES.counts(sample.labels):
                     responses += sample.value
-                    if not sample.labels.get("status_code", "").startswith("2"):
+                    if SGLANG_HTTP_RESPONSES.failed(sample.labels):
                         error_responses += sample.value
     return ScrapeSample(now, counters["num_requests_total"], counters["prompt_tokens_total"],
                         counters["generation_tokens_total"], gauges["num_queue_reqs"], gauges["num_running_reqs"],

@@ -30,9 +30,9 @@ What stands for what:
 """
 from __future__ import annotations
 
-from digital_worker.operator.metric_providers import (ABORTED_REQUESTS_TOTAL, E2E_HISTOGRAM, HTTP_RESPONSES_TOTAL,
-                                                      INSTANCE_LABEL, NAMESPACE_LABEL, REQUESTS_TOTAL,
-                                                      TTFT_HISTOGRAM)
+from digital_worker.operator.metric_providers import (ABORTED_REQUESTS_TOTAL, E2E_HISTOGRAM, INSTANCE_LABEL,
+                                                      NAMESPACE_LABEL, REQUESTS_TOTAL, SGLANG_HTTP_RESPONSES,
+                                                      TTFT_HISTOGRAM, render_matchers)
 
 WORKER_LABELS = f"{NAMESPACE_LABEL}, {INSTANCE_LABEL}"
 TIMEOUT_SECONDS = 60
@@ -64,7 +64,9 @@ def error_share(window: str, matchers: str = "", by: str = WORKER_LABELS) -> str
     of the three series may be absent (`or ... * 0` stands in for it): a worker that finished
     nothing and aborted everything reads 1, not "no data"."""
     aborted = sum_rate(sglang(ABORTED_REQUESTS_TOTAL, matchers), window, by)
-    refused = sum_rate(sglang(HTTP_RESPONSES_TOTAL, matchers, 'method="POST"', 'status_code!~"2.."'), window, by)
+    responses = SGLANG_HTTP_RESPONSES
+    refused = sum_rate(sglang(responses.metric, matchers, render_matchers(responses.scope), responses.failure_matcher),
+                       window, by)
     finished = sum_rate(sglang(REQUESTS_TOTAL, matchers), window, by)
     failed = f"(({aborted} or {refused} * 0) + ({refused} or {aborted} * 0))"
     ended = f"(({aborted} or {finished} * 0) + ({finished} or {aborted} * 0))"
