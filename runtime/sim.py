@@ -354,26 +354,27 @@ class SimulatedSGLang:
                 raise _RequestError(503, "server stopped", "ServiceUnavailableError")
             await self._hang_release.wait()
 
+    def _count_request(self, streaming: bool, prompt_tokens: int, output_tokens: int, e2e_latency: float) -> None:
+        """What SGLang's `observe_one_finished_request` counts for every request that ended."""
+        is_streaming = {"is_streaming": "true" if streaming else "false"}
+        metrics = self.metrics
+        metrics.child("sglang:prompt_tokens_total", **is_streaming).inc(prompt_tokens)
+        metrics.child("sglang:generation_tokens_total", **is_streaming).inc(output_tokens)
+        metrics.child("sglang:num_requests_total", **is_streaming).inc()
+        metrics.child("sglang:e2e_request_latency_seconds", **is_streaming).observe(e2e_latency)
+
     def _record_rejected(self, prompt_tokens: int, streaming: bool) -> None:
         """A request the scheduler ended with an error status. SGLang 0.5.23 (tokenizer_manager
         `collect_metrics`) counts it in `num_requests_total` whatever its finish reason, with its
         prompt and end-to-end latency; `num_aborted_requests_total` is only for `abort_request`
         (a client gone, the abort endpoint). Its HTTP status is what tells it apart."""
-        is_streaming = {"is_streaming": "true" if streaming else "false"}
-        metrics = self.metrics
-        metrics.child("sglang:prompt_tokens_total", **is_streaming).inc(prompt_tokens)
-        metrics.child("sglang:generation_tokens_total", **is_streaming).inc(0)
-        metrics.child("sglang:num_requests_total", **is_streaming).inc()
-        metrics.child("sglang:e2e_request_latency_seconds", **is_streaming).observe(0.0)
+        self._count_request(streaming, prompt_tokens, 0, 0.0)
 
     def _record_finished(self, event: Finished, streaming: bool) -> None:
-        is_streaming = {"is_streaming": "true" if streaming else "false"}
+        self._count_request(streaming, event.prompt_tokens, event.output_tokens, event.e2e_latency)
         metrics = self.metrics
-        metrics.child("sglang:prompt_tokens_total", **is_streaming).inc(event.prompt_tokens)
-        metrics.child("sglang:generation_tokens_total", **is_streaming).inc(event.output_tokens)
-        metrics.child("sglang:num_requests_total", **is_streaming).inc()
+        is_streaming = {"is_streaming": "true" if streaming else "false"}
         metrics.child("sglang:time_to_first_token_seconds", **is_streaming).observe(event.ttft)
-        metrics.child("sglang:e2e_request_latency_seconds", **is_streaming).observe(event.e2e_latency)
         metrics.child("sglang:queue_time_seconds").observe(event.queue_time)
         itl = metrics.child("sglang:inter_token_latency_seconds")
         for latency in event.inter_token_latencies:
