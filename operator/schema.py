@@ -11,6 +11,8 @@ from typing import Any
 
 from digital_worker.runtime.contract import ALLOWED_EXTRA_ARGS, DEFAULT_IMAGE, DEFAULT_PORT
 
+from .autoscaling.spec import DEFAULTS as AUTOSCALING_DEFAULTS
+
 GROUP = "digitalworker.io"
 VERSION = "v1alpha1"
 KIND = "DigitalWorker"
@@ -242,11 +244,13 @@ ROLLOUT_SCHEMA = _obj(
 AUTOSCALING_SCHEMA = _obj(
     {
         "mode": _str("Off: spec.replicas rules. DryRun: decide and report only. Auto: act.",
-                     enum=["Off", "DryRun", "Auto"], default="Off"),
-        "minReplicas": _int(minimum=0, maximum=1000, default=1),
-        "maxReplicas": _int(minimum=1, maximum=1000, default=8),
-        "scaleToZero": _bool("Allow 0 replicas when idle (next request waits a cold start).", default=False),
-        "intervalSeconds": _int("How often the autoscaler decides.", minimum=5, maximum=600, default=20),
+                     enum=["Off", "DryRun", "Auto"], default=AUTOSCALING_DEFAULTS.mode),
+        "minReplicas": _int(minimum=0, maximum=1000, default=AUTOSCALING_DEFAULTS.min_replicas),
+        "maxReplicas": _int(minimum=1, maximum=1000, default=AUTOSCALING_DEFAULTS.max_replicas),
+        "scaleToZero": _bool("Allow 0 replicas when idle (next request waits a cold start).",
+                             default=AUTOSCALING_DEFAULTS.scale_to_zero),
+        "intervalSeconds": _int("How often the autoscaler decides.", minimum=5, maximum=600,
+                                default=int(AUTOSCALING_DEFAULTS.interval_seconds)),
         "targetRequestsPerReplica": _num("Starting estimate of req/s one replica sustains within the SLO.",
                                          minimum=0.01),
         "targetPromptTokensPerReplica": _num(
@@ -261,10 +265,11 @@ AUTOSCALING_SCHEMA = _obj(
                      "itlP95Seconds": _num(minimum=0.001, maximum=60)}),
         "forecast": _obj({
             "quantile": _num("Upper prediction quantile provisioned for.", minimum=0.5, maximum=0.999,
-                             default=0.9),
+                             default=AUTOSCALING_DEFAULTS.forecast.quantile),
             "horizonSeconds": _int("Override the provisioning lead time.", minimum=0, maximum=86400),
-            "seasonality": _str(enum=["auto", "none", "daily", "weekly"], default="auto"),
-            "refitIntervalSeconds": _int(minimum=60, maximum=604800, default=21600),
+            "seasonality": _str(enum=["auto", "none", "daily", "weekly"], default=AUTOSCALING_DEFAULTS.forecast.seasonality),
+            "refitIntervalSeconds": _int(minimum=60, maximum=604800,
+                                         default=int(AUTOSCALING_DEFAULTS.forecast.refit_interval_seconds)),
         }),
         "reactive": _obj({
             "queueLengthPerReplica": _num(minimum=0),
@@ -272,8 +277,9 @@ AUTOSCALING_SCHEMA = _obj(
             "ttftP95Seconds": _num(minimum=0),
         }, description="Thresholds that scale up at once whatever the forecast says."),
         "scaleDown": _obj({
-            "stabilizationSeconds": _int(minimum=0, maximum=86400, default=300),
-            "maxStepReplicas": _int(minimum=1, maximum=1000, default=2),
+            "stabilizationSeconds": _int(minimum=0, maximum=86400,
+                                         default=int(AUTOSCALING_DEFAULTS.scale_down.stabilization_seconds)),
+            "maxStepReplicas": _int(minimum=1, maximum=1000, default=AUTOSCALING_DEFAULTS.scale_down.max_step_replicas),
         }),
     },
     description="Forecast-driven autoscaling with a reactive safety net.",

@@ -1,4 +1,9 @@
-"""`spec.autoscaling` of a DigitalWorker as a frozen dataclass, with our defaults for what is missing."""
+"""`spec.autoscaling` of a DigitalWorker as a frozen dataclass, with our defaults for what is missing.
+
+The dataclass defaults below are the only place the defaults are written: `parse_spec` fills in
+missing keys from them, and the CRD schema (`operator/schema.py`) declares them as its `default`s, so
+a spec the API server defaulted and one read raw (the emulator applies no defaults) mean the same.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -71,57 +76,64 @@ def _number(source: Mapping[str, Any], key: str, default, path: str, low=None, h
     return value
 
 
+DEFAULTS = AutoscalingSpec()
+
+
 def parse_spec(raw: Mapping[str, Any] | None) -> AutoscalingSpec:
     """Read spec.autoscaling (camelCase keys, as in the CRD) into an `AutoscalingSpec`."""
     raw = dict(raw or {})
     path = "spec.autoscaling"
-    mode = raw.get("mode", "Off")
+    mode = raw.get("mode", DEFAULTS.mode)
     if mode not in MODES:
         raise SpecError(f"{path}.mode must be one of {', '.join(MODES)}")
-    min_replicas = int(_number(raw, "minReplicas", 1, path, 0))
-    # Defaults as in the CRD (schema.py AUTOSCALING_SCHEMA): a spec the API server defaulted and one
-    # read raw (the emulator applies no defaults) must mean the same.
-    max_replicas = int(_number(raw, "maxReplicas", 8, path, 0))
+    min_replicas = int(_number(raw, "minReplicas", DEFAULTS.min_replicas, path, 0))
+    max_replicas = int(_number(raw, "maxReplicas", DEFAULTS.max_replicas, path, 0))
     if max_replicas < min_replicas:
         raise SpecError(f"{path}.maxReplicas must be at least minReplicas")
     slo = dict(raw.get("slo") or {})
     forecast_raw = dict(raw.get("forecast") or {})
-    seasonality = forecast_raw.get("seasonality", "auto")
+    seasonality = forecast_raw.get("seasonality", DEFAULTS.forecast.seasonality)
     if seasonality not in SEASONALITIES:
         raise SpecError(f"{path}.forecast.seasonality must be one of {', '.join(SEASONALITIES)}")
     reactive_raw = dict(raw.get("reactive") or {})
     down_raw = dict(raw.get("scaleDown") or {})
+    default = DEFAULTS
+    forecast_path, reactive_path, down_path = f"{path}.forecast", f"{path}.reactive", f"{path}.scaleDown"
     return AutoscalingSpec(
         mode=mode,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
-        scale_to_zero=bool(raw.get("scaleToZero", False)),
-        slo_ttft_p95_seconds=float(_number(slo, "ttftP95Seconds", 2.0, f"{path}.slo", 0.001)),
-        slo_itl_p95_seconds=_number(slo, "itlP95Seconds", None, f"{path}.slo", 0.0),
-        target_requests_per_replica=float(_number(raw, "targetRequestsPerReplica", 4.0, path, 1e-6)),
-        target_prompt_tokens_per_replica=_number(raw, "targetPromptTokensPerReplica", None, path, 1e-6),
-        target_generation_tokens_per_replica=_number(raw, "targetGenerationTokensPerReplica", None, path, 1e-6),
+        scale_to_zero=bool(raw.get("scaleToZero", default.scale_to_zero)),
+        slo_ttft_p95_seconds=float(_number(slo, "ttftP95Seconds", default.slo_ttft_p95_seconds, f"{path}.slo", 0.001)),
+        slo_itl_p95_seconds=_number(slo, "itlP95Seconds", default.slo_itl_p95_seconds, f"{path}.slo", 0.0),
+        target_requests_per_replica=float(
+            _number(raw, "targetRequestsPerReplica", default.target_requests_per_replica, path, 1e-6)),
+        target_prompt_tokens_per_replica=_number(
+            raw, "targetPromptTokensPerReplica", default.target_prompt_tokens_per_replica, path, 1e-6),
+        target_generation_tokens_per_replica=_number(
+            raw, "targetGenerationTokensPerReplica", default.target_generation_tokens_per_replica, path, 1e-6),
         forecast=ForecastSpec(
-            quantile=float(_number(forecast_raw, "quantile", 0.9, f"{path}.forecast", 0.5, 0.999)),
-            horizon_seconds=_number(forecast_raw, "horizonSeconds", None, f"{path}.forecast", 0.0),
+            quantile=float(_number(forecast_raw, "quantile", default.forecast.quantile, forecast_path, 0.5, 0.999)),
+            horizon_seconds=_number(
+                forecast_raw, "horizonSeconds", default.forecast.horizon_seconds, forecast_path, 0.0),
             seasonality=seasonality,
-            refit_interval_seconds=float(
-                _number(forecast_raw, "refitIntervalSeconds", 6 * 3600.0, f"{path}.forecast", 1.0)
-            ),
+            refit_interval_seconds=float(_number(
+                forecast_raw, "refitIntervalSeconds", default.forecast.refit_interval_seconds, forecast_path, 1.0)),
         ),
         reactive=ReactiveSpec(
-            queue_length_per_replica=float(
-                _number(reactive_raw, "queueLengthPerReplica", 8.0, f"{path}.reactive", 0.0)
-            ),
-            kv_cache_usage=float(_number(reactive_raw, "kvCacheUsage", 0.9, f"{path}.reactive", 0.0, 1.0)),
-            ttft_p95_seconds=_number(reactive_raw, "ttftP95Seconds", None, f"{path}.reactive", 0.0),
+            queue_length_per_replica=float(_number(
+                reactive_raw, "queueLengthPerReplica", default.reactive.queue_length_per_replica, reactive_path, 0.0)),
+            kv_cache_usage=float(
+                _number(reactive_raw, "kvCacheUsage", default.reactive.kv_cache_usage, reactive_path, 0.0, 1.0)),
+            ttft_p95_seconds=_number(
+                reactive_raw, "ttftP95Seconds", default.reactive.ttft_p95_seconds, reactive_path, 0.0),
         ),
         scale_down=ScaleDownSpec(
-            stabilization_seconds=float(
-                _number(down_raw, "stabilizationSeconds", 300.0, f"{path}.scaleDown", 0.0)
-            ),
-            max_step_replicas=int(_number(down_raw, "maxStepReplicas", 2, f"{path}.scaleDown", 1)),
+            stabilization_seconds=float(_number(
+                down_raw, "stabilizationSeconds", default.scale_down.stabilization_seconds, down_path, 0.0)),
+            max_step_replicas=int(
+                _number(down_raw, "maxStepReplicas", default.scale_down.max_step_replicas, down_path, 1)),
         ),
-        cold_start_seconds=_number(raw, "coldStartSeconds", None, path, 0.0),
-        interval_seconds=float(_number(raw, "intervalSeconds", 20.0, path, 1.0)),
+        cold_start_seconds=_number(raw, "coldStartSeconds", default.cold_start_seconds, path, 0.0),
+        interval_seconds=float(_number(raw, "intervalSeconds", default.interval_seconds, path, 1.0)),
     )
