@@ -5,9 +5,12 @@
   run outside this repository, a synthetic sample generated here (same columns, seeded).
 - `RateProfile`: piecewise-linear requests/s over time. The trace's arrivals are replayed with
   their own burstiness, time-warped so that the mean rate follows the profile (a ramp, a plateau).
-- `LoadGenerator`: sends each request as a streaming `/v1/chat/completions` to one ready pod of the
-  worker, picked among the pods its Service selector matches (what the Service would do), and
-  records per request: when, which revision answered, the outcome, TTFT and end-to-end latency.
+- `LoadGenerator`: sends each request as a `/v1/chat/completions` to one ready pod of the worker,
+  picked among the pods its Service selector matches (what the Service would do), streaming or not
+  (`stream_share`: chat UIs stream, an agent's tool-calling steps often do not), and records per
+  request: when, which revision answered, the outcome, TTFT (streams) and end-to-end latency. A
+  stream that answered 200 and then carried an SSE error event (how SGLang ends a stream its
+  scheduler failed) counts as failed, with the event's code.
 
 Used by `digital-worker dev`'s tour and reusable by bench/ and tests (no operator imports beyond
 the API labels; the generator runs on its own thread and event loop).
@@ -170,6 +173,7 @@ class RequestRecord:
     ttft: float | None
     latency: float
     status: int = 0  # HTTP status; 0: the connection failed or broke (e.g. the replica went away)
+    stream_error: int = 0  # the code of an SSE error event in a stream that answered 200; 0: none
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -200,7 +204,8 @@ class LoadGenerator:
 
     def __init__(self, kube, namespace: str, name: str, model: str, trace: Trace, profile: RateProfile, *,
                  max_in_flight: int = 96, max_prompt_tokens: int = 4000, max_output_tokens: int = 256,
-                 refresh_seconds: float = 0.5, seed: int = 11, start_index: int = 0) -> None:
+                 refresh_seconds: float = 0.5, seed: int = 11, start_index: int = 0,
+                 stream_share: float = 1.0) -> None:
         self.kube, self.namespace, self.name, self.model = kube, namespace, name, model
         self.trace, self.profile = trace, profile
         self.max_in_flight = max_in_flight
@@ -208,6 +213,7 @@ class LoadGenerator:
         self.max_prompt_tokens, self.max_output_tokens = max_prompt_tokens, max_output_tokens
         self.refresh_seconds = refresh_seconds
         self.start_index = start_index
+        self.stream_share = stream_share
         self.records: list[RequestRecord] = []
         self.dropped = 0  # arrivals not sent: no ready pod, or the in-flight bound was reached
         self.started_at: float | None = None
@@ -305,25 +311,29 @@ class LoadGenerator:
     async def _send(self, session, revision: str, url: str, request: TraceRequest) -> None:
         prompt_tokens = min(request.prompt_tokens, self.max_prompt_tokens)
         # The simulator estimates one token per 4 bytes of text.
-        body = {"model": self.model, "stream": True, "max_tokens": min(request.output_tokens, self.max_output_tokens),
+        streaming = self._rng.random() < self.stream_share
+        body = {"model": self.model, "stream": streaming,
+                "max_tokens": min(request.output_tokens, self.max_output_tokens),
                 "messages": [{"role": "user", "content": "word" * prompt_tokens}]}
         sent, started = time.time(), time.monotonic()
-        ttft, ok, status = None, False, 0
+        ttft, ok, status, stream_error = None, False, 0, 0
         try:
             async with session.post(url + "/v1/chat/completions", json=body) as response:
                 status = response.status
-                if response.status == 200:
+                if response.status == 200 and streaming:
                     async for line in response.content:
                         if ttft is None and _has_token(line):
                             ttft = time.monotonic() - started
-                    ok = ttft is not None
+                        stream_error = stream_error or _error_code(line)
+                    ok = ttft is not None and not stream_error
                 else:
                     await response.read()
+                    ok = response.status == 200
         except asyncio.CancelledError:
             raise
         except Exception:
             ok, status = False, 0
-        record = RequestRecord(sent, revision, ok, ttft, time.monotonic() - started, status)
+        record = RequestRecord(sent, revision, ok, ttft, time.monotonic() - started, status, stream_error)
         with self._lock:
             self.records.append(record)
 
@@ -337,6 +347,17 @@ def _has_token(line: bytes) -> bool:
     except ValueError:
         return False
     return bool((choices[0].get("delta") or {}).get("content"))
+
+
+def _error_code(line: bytes) -> int:
+    """The code of an SSE error event (`data: {"error": {..., "code": 500}}`), else 0."""
+    if not line.startswith(b"data:") or b'"error"' not in line:
+        return 0
+    try:
+        error = json.loads(line[5:]).get("error")
+    except ValueError:
+        return 0
+    return int(error.get("code") or 500) if isinstance(error, dict) else 0
 
 
 class _LiveProfile:

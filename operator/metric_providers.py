@@ -280,7 +280,8 @@ def error_rate_query(matchers: LabelMatchers, window_seconds: float) -> str:
     request it cannot serve) counts as *finished* in `num_requests_total`, never as aborted; its
     HTTP status is what shows it. Aborted ones are in the denominator too, so a revision that
     aborts everything reads 100%. No requests at all is 0/0 = NaN: Inconclusive, never a pass.
-    Blind spot (SGLang's, not this query's): a stream that fails after it started with 200."""
+    Blind spot (SGLang's, not this query's): a streaming request the scheduler fails, answered 200
+    with an SSE error event."""
     window = _window(window_seconds)
     finished, aborted = _ended_requests(matchers, window)
     failed_http, _ = _http_selectors(matchers, SGLANG_HTTP_RESPONSES)

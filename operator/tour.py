@@ -23,6 +23,9 @@ from typing import Any, Callable
 
 from digital_worker.operator import pods, schema as api
 
+# Share of the tour's requests sent streaming.
+TOUR_STREAM_SHARE = 0.5
+
 STEP_TITLES = {
     "deploy": "Deploy the DigitalWorker",
     "traffic": "Steady traffic",
@@ -101,9 +104,10 @@ def tour_worker(body: dict[str, Any], timing: TourTiming) -> dict[str, Any]:
         # abort. The canaries are judged on a few dozen requests near saturation (5-20 at --speed
         # 10), where p95 TTFT is about the 4th-highest of ~75 and one SGLang histogram bucket
         # (0.2-0.4 s vs 0.4-0.6 s) already reads as 1.5x the stable's: a paced tour aborted its
-        # healthy canary at 1.54x, hence also the 2x latency ratios. The bad version (half its
-        # answers HTTP 500) shows no error in 5 requests one time in 32, so a single run could
-        # promote it; its error rate fails on nearly every run.
+        # healthy canary at 1.54x, hence also the 2x latency ratios. The bad version fails every
+        # request, but SGLang's metrics show only the non-streaming half: it shows no error in 5
+        # requests one time in 32, so a single run could promote it; its error rate fails on
+        # nearly every run.
         "analysis": {"intervalSeconds": timing.analysis_interval, "windowSeconds": timing.analysis_window,
                      "minRequests": 5, "successfulRuns": 2, "failureLimit": 2, "inconclusiveLimit": 6,
                      "maxErrorRate": 0.05, "maxTTFTP95Ratio": 2.0, "maxITLP95Ratio": 2.0},
@@ -285,8 +289,11 @@ class Tour:
 
         if self.loadgen is None:
             # From request 1000 on: the trace's first minutes are much sparser than its mean.
+            # Half the requests stream (a chat UI), half do not (an agent's tool-calling steps): a
+            # failure SGLang's metrics can show is a non-streaming one (see step_rollback).
             self.loadgen = LoadGenerator(self.kube, self.namespace, self.name, self.model, self.trace, profile,
-                                         start_index=1000 if len(self.trace.requests) > 2000 else 0)
+                                         start_index=1000 if len(self.trace.requests) > 2000 else 0,
+                                         stream_share=TOUR_STREAM_SHARE)
             self.recorder.loadgen = self.loadgen
             self.loadgen.start()
         else:
@@ -434,9 +441,12 @@ class Tour:
         stable = self.status().get("currentRevision")
         model_revision = "v3-bad"
         bad = self.revision_for(revision=model_revision)
-        self.runtime.inject(bad, error_rate=0.5)
+        # Every request fails. SGLang shows only the non-streaming half (HTTP 500): a stream has
+        # answered 200 before its scheduler fails it, and carries an SSE error event no metric counts.
+        self.runtime.inject(bad, error_rate=1.0)
         self.narrate(f"  bad version: spec.model.revision → {model_revision} (revision {bad}); its simulated "
-                     f"replicas answer 50% of requests with HTTP 500")
+                     f"replicas fail every request: HTTP 500 when not streaming, an SSE error event in a "
+                     f"200 stream when streaming (which no SGLang metric counts)")
         self.kube.patch(api.API_VERSION, api.PLURAL, self.namespace, self.name,
                         {"spec": {"model": {"revision": model_revision}}})
         rollout = self.watch_rollout(bad, {"Completed", "Aborted", "Paused"}, self.timing.step_timeout)
@@ -522,10 +532,12 @@ def _request_totals(loadgen) -> dict[str, Any]:
     records = loadgen.snapshot()
     by_revision: dict[str, dict[str, int]] = {}
     for record in records:
-        counts = by_revision.setdefault(record.revision, {"ok": 0, "error": 0, "http_5xx": 0, "broken": 0})
+        counts = by_revision.setdefault(record.revision,
+                                        {"ok": 0, "error": 0, "http_5xx": 0, "stream_error": 0, "broken": 0})
         counts["ok" if record.ok else "error"] += 1
         if not record.ok:
-            counts["http_5xx" if record.status >= 500 else "broken"] += 1
+            kind = "http_5xx" if record.status >= 500 else "stream_error" if record.stream_error else "broken"
+            counts[kind] += 1
     from digital_worker.operator.loadgen import percentile
 
     return {"sent": len(records), "dropped": loadgen.dropped, "errors": sum(not r.ok for r in records),

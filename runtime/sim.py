@@ -8,8 +8,8 @@ Timing follows the shared performance model in real (wall-clock) time: requests 
 batched, are prefilled in chunks, then decode token by token, so TTFT grows with load.
 
 Faults, by config or at run time through ``POST /admin/faults`` (JSON, any subset):
-``error_rate`` (share of generation requests the scheduler fails: HTTP 500, counted as SGLang
-counts them, finished and not aborted), ``latency_factor`` (every engine step takes that many
+``error_rate`` (share of generation requests the scheduler fails: HTTP 500, or a 200 stream
+ending in an SSE error event, counted as SGLang counts them, finished and not aborted), ``latency_factor`` (every engine step takes that many
 times longer), ``hang`` (generation and health checks stop answering;
 health checks give 503 after `health_check_timeout`, as SGLang's do), ``crash`` (the server stops
 listening at once; the CLI process exits 1), ``cold_start_seconds`` (restart the warm-up clock).
@@ -21,9 +21,13 @@ task asleep whenever its engine has nothing to do, and a CollectorRegistry per s
 Token counts are estimated (one token per 4 bytes of text, plus 4 per chat message for the
 template): the simulator has no tokenizer, and only the counts matter to the model.
 
-Known difference: a streaming request failed before its first token gets a plain HTTP 500 here.
-SGLang 0.5.23 answers a scheduler failure on a stream with 200 and an SSE error event, which
-none of its metrics can tell from success; only HTTP 400 validation errors come before the stream.
+Errors answer as SGLang 0.5.23's do. Validation (a bad body, an unknown model, a prompt over the
+context length) is a plain HTTP 400/404 before anything runs. A request its scheduler ends with an
+error status (an injected failure: 500; a request larger than the KV cache: 400) is an HTTP error
+when not streaming, but a stream has already answered 200: it gets an SSE error event and
+``[DONE]``. SGLang's metrics count such a stream as a finished request with a 200 response, so no
+metric tells it from a success; only its client sees it (`serving_chat._handle_streaming_request`
+kick-starts the stream for validation errors only).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, AsyncIterator
 
 from .contract import DEFAULT_PORT, SGLANG_VERSION
@@ -145,6 +150,17 @@ class _RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.kind = kind
+
+
+class _SchedulerAbort(_RequestError):
+    """The scheduler ended the request with an error status (SGLang's FINISH_ABORT with a status
+    code): an HTTP error without streaming, an SSE error event inside a stream that answered 200."""
+
+    def sse_event(self) -> bytes:
+        # serving_base.create_streaming_error_response, as serving_chat calls it for such an abort.
+        error = {"object": "error", "message": str(self), "type": HTTPStatus(self.status).name, "param": None,
+                 "code": self.status}
+        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 # Per-request key: the status a streaming answer started with (what SGLang's HTTP metrics count it as).
@@ -320,7 +336,8 @@ class SimulatedSGLang:
         if self.faults.error_rate and self.random.random() < self.faults.error_rate:
             # As a scheduler ending a request with FINISH_ABORT(500): SGLang counts it finished, not aborted.
             self._record_rejected(prompt_tokens, streaming)
-            raise _RequestError(500, "Injected failure (digital-worker simulator)", "InternalServerError")
+            # Not streaming, SGLang raises it as an HTTPException, whose handler types it by its code.
+            raise _SchedulerAbort(500, "Injected failure (digital-worker simulator)", "500")
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._waiters[request_id] = queue
@@ -333,7 +350,7 @@ class SimulatedSGLang:
                 if isinstance(event, Aborted):
                     done = True  # the scheduler refused it (FINISH_ABORT(400)): finished, as SGLang counts it
                     self._record_rejected(prompt_tokens, streaming)
-                    raise _RequestError(400, event.reason)
+                    raise _SchedulerAbort(400, event.reason)
                 if isinstance(event, Finished):
                     done = True
                     self._record_finished(event, streaming)
@@ -638,9 +655,13 @@ class SimulatedSGLang:
             return self._json({"id": response_id, "object": kind, "created": created,
                                "model": self.config.model_name, "choices": [choice], "usage": usage})
 
-        # Streaming: the first event decides the status, so errors before the first token are plain HTTP errors.
+        # Streaming: headers go out with the first event (SGLang kick-starts the stream), so only
+        # errors raised before the scheduler answers (hang, shutdown) are plain HTTP errors.
         events = self.generate(prompt_tokens, max_tokens, streaming=True)
-        first = await events.__anext__()
+        try:
+            first = await events.__anext__()
+        except _SchedulerAbort as abort:
+            first = abort
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         request[STARTED_STATUS] = response.status
@@ -654,8 +675,6 @@ class SimulatedSGLang:
                 chunk["usage"] = usage_value
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
-        if chat:
-            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
 
         async def emit(event) -> None:
             if isinstance(event, Token):
@@ -667,20 +686,23 @@ class SimulatedSGLang:
                                 "logprobs": None})
 
         try:
+            if isinstance(first, _SchedulerAbort):
+                raise first
+            if chat:  # SGLang's role chunk comes with the first output, unless that output is an error
+                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             await emit(first)
             async for event in events:
                 await emit(event)
             if include_usage:
                 await send({}, usage)
-            await response.write(b"data: [DONE]\n\n")
-        except _RequestError as error:
-            await response.write(b"data: " + json.dumps({"error": {"message": str(error),
-                                                                    "code": error.status}}).encode() + b"\n\n")
+        except _SchedulerAbort as abort:
+            await response.write(abort.sse_event())
         except (ConnectionResetError, asyncio.CancelledError):
             await events.aclose()
             raise
         finally:
             await events.aclose()
+        await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 

@@ -208,8 +208,10 @@ def _stream_chat(client: _Client, model: str, max_tokens: int) -> _Streamed:
                 except ValueError:
                     raise SmokeFailure(f"an event is not JSON: {data[:120]!r}") from None
                 if chunk.get("error"):
+                    # How SGLang ends a stream its scheduler failed: the answer was already 200.
                     error = chunk["error"]
-                    raise SmokeFailure(f"error in the stream after {chunks} token(s): "
+                    code = f" {error.get('code')}" if isinstance(error, dict) and error.get("code") else ""
+                    raise SmokeFailure(f"error{code} in the stream after {chunks} token(s): "
                                        f"{error.get('message', error) if isinstance(error, dict) else error}")
                 for choice in chunk.get("choices") or []:
                     piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""

@@ -16,8 +16,9 @@ What stands for what:
 - **Errors ("5xx")**: requests SGLang aborted (a client gone, the abort endpoint) plus non-2xx
   answers to POSTs (`http_responses_total`), over requests that ended (finished + aborted), as the
   rollout analysis counts them (`operator/metric_providers.py`). A request SGLang's scheduler fails
-  (an internal 500) counts as finished there, so only its status shows it. A stream that fails
-  after starting with 200 shows in none of SGLang's metrics.
+  (an internal 500) counts as finished there, so only its status shows it. A streaming request
+  it fails has already been answered 200 (an SSE error event ends it): none of SGLang's metrics
+  show it.
 - **Timeouts**: requests whose client waited longer than `TIMEOUT_SECONDS` for the first byte of its
   answer, which is what a gateway's read timeout cuts: time to first token for streaming
   requests, end-to-end latency for the others, read from SGLang's histograms (60 s is one of

@@ -82,7 +82,9 @@ def test_partial_errors_fail_the_latency_run_naming_the_request(sim_server, tmp_
                       "--max-tokens", "2", "--json", str(report_file))
     assert result.returncode == 1
     latency = next(c for c in json.loads(report_file.read_text())["checks"] if c["name"] == "latency")
-    assert latency["status"] == "fail" and "of 30" in latency["detail"] and "HTTP 500" in latency["detail"]
+    # The latency run streams: a failed request is a 200 stream ending in SGLang's error event.
+    assert latency["status"] == "fail" and "of 30" in latency["detail"]
+    assert "error 500 in the stream after 0 token(s): Injected failure" in latency["detail"]
 
 
 def test_missing_api_key_is_reported_by_the_checks_that_need_it(sim_server, tmp_path):

@@ -169,6 +169,52 @@ async def test_error_rate_fault_fails_requests_as_sglangs_scheduler_would():
         await client.close()
 
 
+async def stream_lines(server: SimulatedSGLang, path: str, body: dict) -> tuple[int, list[str]]:
+    """A streaming POST: its HTTP status and its SSE data lines."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + path, json={**body, "stream": True}) as response:
+            lines = [line.decode().strip() async for line in response.content]
+            return response.status, [line[len("data: "):] for line in lines if line.startswith("data: ")]
+
+
+async def test_a_stream_the_scheduler_fails_answers_200_with_an_sse_error_as_sglang_does():
+    """SGLang's serving_chat sends the headers with the scheduler's first output: a failure there
+    arrives as an error event inside a 200 stream, and its metrics count a finished request with a
+    200 response. Only the client can tell. Without streaming the same failure is an HTTP 500."""
+    async with SimulatedSGLang(SimConfig(model_name="m", seed=3)) as server:
+        await post_json(server, "/admin/faults", {"error_rate": 1.0})
+        chat = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        status, events = await stream_lines(server, "/v1/chat/completions", chat)
+        assert status == 200
+        assert events[-1] == "[DONE]" and len(events) == 2
+        assert json.loads(events[0]) == {"error": {
+            "object": "error", "message": "Injected failure (digital-worker simulator)",
+            "type": "INTERNAL_SERVER_ERROR", "param": None, "code": 500}}
+        status, events = await stream_lines(server, "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2})
+        assert status == 200 and json.loads(events[0])["error"]["code"] == 500 and events[-1] == "[DONE]"
+        # Not streaming: SGLang raises it as an HTTPException, whose handler types the body by code.
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/v1/chat/completions", json=chat) as response:
+                assert response.status == 500
+                assert (await response.json())["type"] == "500"
+        _, exposition = await get(server, "/metrics")
+    chat_route = {"endpoint": "/v1/chat/completions", "method": "POST"}
+    assert sample_value(exposition, "sglang:http_responses_total", status_code="200", **chat_route) == 1
+    assert sample_value(exposition, "sglang:http_responses_total", status_code="500", **chat_route) == 1
+    assert sample_value(exposition, "sglang:num_requests_total", is_streaming="true") == 2
+    assert sample_value(exposition, "sglang:num_requests_total", is_streaming="false") == 1
+    assert "sglang:num_aborted_requests_total{" not in exposition
+
+
+async def test_a_stream_larger_than_the_kv_cache_ends_with_a_bad_request_event():
+    async with SimulatedSGLang(SimConfig(model_name="m", max_total_tokens=100, context_length=4096)) as server:
+        status, events = await stream_lines(server, "/v1/completions",
+                                            {"model": "m", "prompt": "abcd" * 80, "max_tokens": 50})
+    assert status == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[0])["error"]
+    assert (error["code"], error["type"]) == (400, "BAD_REQUEST") and "KV cache" in error["message"]
+
+
 async def test_http_metrics_count_routes_and_statuses_as_sglang_does():
     async with SimulatedSGLang(SimConfig(model_name="m", api_key="sk-1")) as server:
         client = client_for(server, "sk-1")

@@ -154,3 +154,33 @@ def test_live_view_shows_workers_revisions_load_and_the_last_decision():
     for expected in ("support-bot", "aaa111", "bbb222 (25.0%)", "3/4", "6.5 / 7.2 req/s", "0.42s",
                      "ScaleUp: queue 9 above 2 per replica", "autoscaler: replicas 3 → 4", "Traffic ramps"):
         assert expected in text, expected
+
+
+async def test_load_generator_counts_a_failed_stream_as_failed_and_says_how_it_failed():
+    """Against a real simulated SGLang whose scheduler fails everything: a stream answers 200 and
+    carries an SSE error event, a plain request answers 500. The client side must call both failed
+    (SGLang's metrics see only the second) and tell them apart."""
+    import aiohttp
+
+    from digital_worker.operator.loadgen import LoadGenerator
+    from digital_worker.runtime.sim import SimConfig, SimulatedSGLang
+
+    trace = Trace("test", (TraceRequest(0.0, 40, 4),))
+    async with SimulatedSGLang(SimConfig(model_name="m", error_rate=1.0, seed=1)) as server:
+        generator = LoadGenerator(None, "ns", "w", "m", trace, RateProfile(((0.0, 1.0),)), stream_share=0.5, seed=3)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(12):
+                await generator._send(session, "rev", server.url, trace.requests[0])
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/admin/faults", json={"error_rate": 0.0}) as response:
+                assert response.status == 200
+            for _ in range(6):
+                await generator._send(session, "rev", server.url, trace.requests[0])
+    failed, healthy = generator.records[:12], generator.records[12:]
+    streams = [r for r in failed if r.status == 200]
+    plain = [r for r in failed if r.status != 200]
+    assert streams and plain  # both kinds were sent
+    assert all(not r.ok and r.stream_error == 500 and r.ttft is None for r in streams)
+    assert all(not r.ok and r.status == 500 and r.stream_error == 0 for r in plain)
+    assert all(r.ok and r.stream_error == 0 for r in healthy)
+    assert any(r.ttft is not None for r in healthy) and any(r.ttft is None for r in healthy)  # streams have a TTFT
