@@ -11,7 +11,7 @@ from typing import Any
 
 from digital_worker.runtime.contract import ALLOWED_EXTRA_ARGS, DEFAULT_IMAGE, DEFAULT_PORT
 
-from .autoscaling.spec import DEFAULTS as AUTOSCALING_DEFAULTS
+from .autoscaling.spec import DEFAULTS as AUTOSCALING_DEFAULTS, MODES as AUTOSCALING_MODES, SEASONALITIES
 
 GROUP = "digitalworker.io"
 VERSION = "v1alpha1"
@@ -244,7 +244,7 @@ ROLLOUT_SCHEMA = _obj(
 AUTOSCALING_SCHEMA = _obj(
     {
         "mode": _str("Off: spec.replicas rules. DryRun: decide and report only. Auto: act.",
-                     enum=["Off", "DryRun", "Auto"], default=AUTOSCALING_DEFAULTS.mode),
+                     enum=list(AUTOSCALING_MODES), default=AUTOSCALING_DEFAULTS.mode),
         "minReplicas": _int(minimum=0, maximum=1000, default=AUTOSCALING_DEFAULTS.min_replicas),
         "maxReplicas": _int(minimum=1, maximum=1000, default=AUTOSCALING_DEFAULTS.max_replicas),
         "scaleToZero": _bool("Allow 0 replicas when idle (next request waits a cold start).",
@@ -267,7 +267,7 @@ AUTOSCALING_SCHEMA = _obj(
             "quantile": _num("Upper prediction quantile provisioned for.", minimum=0.5, maximum=0.999,
                              default=AUTOSCALING_DEFAULTS.forecast.quantile),
             "horizonSeconds": _int("Override the provisioning lead time.", minimum=0, maximum=86400),
-            "seasonality": _str(enum=["auto", "none", "daily", "weekly"], default=AUTOSCALING_DEFAULTS.forecast.seasonality),
+            "seasonality": _str(enum=list(SEASONALITIES), default=AUTOSCALING_DEFAULTS.forecast.seasonality),
             "refitIntervalSeconds": _int(minimum=60, maximum=604800,
                                          default=int(AUTOSCALING_DEFAULTS.forecast.refit_interval_seconds)),
         }),

@@ -9,10 +9,11 @@ batched, are prefilled in chunks, then decode token by token, so TTFT grows with
 
 Faults, by config or at run time through ``POST /admin/faults`` (JSON, any subset):
 ``error_rate`` (share of generation requests the scheduler fails: HTTP 500, or a 200 stream
-ending in an SSE error event, counted as SGLang counts them, finished and not aborted), ``latency_factor`` (every engine step takes that many
-times longer), ``hang`` (generation and health checks stop answering;
-health checks give 503 after `health_check_timeout`, as SGLang's do), ``crash`` (the server stops
-listening at once; the CLI process exits 1), ``cold_start_seconds`` (restart the warm-up clock).
+ending in an SSE error event, counted as SGLang counts them, finished and not aborted),
+``latency_factor`` (every engine step takes that many times longer), ``hang`` (generation and
+health checks stop answering; health checks give 503 after `health_check_timeout`, as SGLang's
+do), ``crash`` (the server stops listening at once; the CLI process exits 1),
+``cold_start_seconds`` (restart the warm-up clock).
 ``GET /admin/faults`` shows them.
 
 Cheap enough for tens of servers in one process: one aiohttp site and one engine task each, the
@@ -674,7 +675,6 @@ class SimulatedSGLang:
             if usage_value is not None:
                 chunk["usage"] = usage_value
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-
 
         async def emit(event) -> None:
             if isinstance(event, Token):

@@ -97,43 +97,42 @@ def parse_spec(raw: Mapping[str, Any] | None) -> AutoscalingSpec:
         raise SpecError(f"{path}.forecast.seasonality must be one of {', '.join(SEASONALITIES)}")
     reactive_raw = dict(raw.get("reactive") or {})
     down_raw = dict(raw.get("scaleDown") or {})
-    default = DEFAULTS
     forecast_path, reactive_path, down_path = f"{path}.forecast", f"{path}.reactive", f"{path}.scaleDown"
     return AutoscalingSpec(
         mode=mode,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
-        scale_to_zero=bool(raw.get("scaleToZero", default.scale_to_zero)),
-        slo_ttft_p95_seconds=float(_number(slo, "ttftP95Seconds", default.slo_ttft_p95_seconds, f"{path}.slo", 0.001)),
-        slo_itl_p95_seconds=_number(slo, "itlP95Seconds", default.slo_itl_p95_seconds, f"{path}.slo", 0.0),
+        scale_to_zero=bool(raw.get("scaleToZero", DEFAULTS.scale_to_zero)),
+        slo_ttft_p95_seconds=float(_number(slo, "ttftP95Seconds", DEFAULTS.slo_ttft_p95_seconds, f"{path}.slo", 0.001)),
+        slo_itl_p95_seconds=_number(slo, "itlP95Seconds", DEFAULTS.slo_itl_p95_seconds, f"{path}.slo", 0.0),
         target_requests_per_replica=float(
-            _number(raw, "targetRequestsPerReplica", default.target_requests_per_replica, path, 1e-6)),
+            _number(raw, "targetRequestsPerReplica", DEFAULTS.target_requests_per_replica, path, 1e-6)),
         target_prompt_tokens_per_replica=_number(
-            raw, "targetPromptTokensPerReplica", default.target_prompt_tokens_per_replica, path, 1e-6),
+            raw, "targetPromptTokensPerReplica", DEFAULTS.target_prompt_tokens_per_replica, path, 1e-6),
         target_generation_tokens_per_replica=_number(
-            raw, "targetGenerationTokensPerReplica", default.target_generation_tokens_per_replica, path, 1e-6),
+            raw, "targetGenerationTokensPerReplica", DEFAULTS.target_generation_tokens_per_replica, path, 1e-6),
         forecast=ForecastSpec(
-            quantile=float(_number(forecast_raw, "quantile", default.forecast.quantile, forecast_path, 0.5, 0.999)),
+            quantile=float(_number(forecast_raw, "quantile", DEFAULTS.forecast.quantile, forecast_path, 0.5, 0.999)),
             horizon_seconds=_number(
-                forecast_raw, "horizonSeconds", default.forecast.horizon_seconds, forecast_path, 0.0),
+                forecast_raw, "horizonSeconds", DEFAULTS.forecast.horizon_seconds, forecast_path, 0.0),
             seasonality=seasonality,
             refit_interval_seconds=float(_number(
-                forecast_raw, "refitIntervalSeconds", default.forecast.refit_interval_seconds, forecast_path, 1.0)),
+                forecast_raw, "refitIntervalSeconds", DEFAULTS.forecast.refit_interval_seconds, forecast_path, 1.0)),
         ),
         reactive=ReactiveSpec(
             queue_length_per_replica=float(_number(
-                reactive_raw, "queueLengthPerReplica", default.reactive.queue_length_per_replica, reactive_path, 0.0)),
+                reactive_raw, "queueLengthPerReplica", DEFAULTS.reactive.queue_length_per_replica, reactive_path, 0.0)),
             kv_cache_usage=float(
-                _number(reactive_raw, "kvCacheUsage", default.reactive.kv_cache_usage, reactive_path, 0.0, 1.0)),
+                _number(reactive_raw, "kvCacheUsage", DEFAULTS.reactive.kv_cache_usage, reactive_path, 0.0, 1.0)),
             ttft_p95_seconds=_number(
-                reactive_raw, "ttftP95Seconds", default.reactive.ttft_p95_seconds, reactive_path, 0.0),
+                reactive_raw, "ttftP95Seconds", DEFAULTS.reactive.ttft_p95_seconds, reactive_path, 0.0),
         ),
         scale_down=ScaleDownSpec(
             stabilization_seconds=float(_number(
-                down_raw, "stabilizationSeconds", default.scale_down.stabilization_seconds, down_path, 0.0)),
+                down_raw, "stabilizationSeconds", DEFAULTS.scale_down.stabilization_seconds, down_path, 0.0)),
             max_step_replicas=int(
-                _number(down_raw, "maxStepReplicas", default.scale_down.max_step_replicas, down_path, 1)),
+                _number(down_raw, "maxStepReplicas", DEFAULTS.scale_down.max_step_replicas, down_path, 1)),
         ),
-        cold_start_seconds=_number(raw, "coldStartSeconds", default.cold_start_seconds, path, 0.0),
-        interval_seconds=float(_number(raw, "intervalSeconds", default.interval_seconds, path, 1.0)),
+        cold_start_seconds=_number(raw, "coldStartSeconds", DEFAULTS.cold_start_seconds, path, 0.0),
+        interval_seconds=float(_number(raw, "intervalSeconds", DEFAULTS.interval_seconds, path, 1.0)),
     )
