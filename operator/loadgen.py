@@ -280,9 +280,11 @@ class LoadGenerator:
                 for send_at, request in arrivals(self.trace, _LiveProfile(self), duration, start_index=self.start_index):
                     delay = start + send_at - self._loop.time()
                     if delay > 0:
+                        # Not asyncio.wait_for: on Python 3.11 it can swallow a cancel (cpython gh-86296).
                         try:
-                            await asyncio.wait_for(self._stop.wait(), delay)
-                        except asyncio.TimeoutError:
+                            async with asyncio.timeout(delay):
+                                await self._stop.wait()
+                        except TimeoutError:
                             pass
                     if self._stop.is_set():
                         break

@@ -240,15 +240,12 @@ class SimulatedSGLang:
         return self
 
     async def stop(self) -> None:
-        for task in (self._driver, self._crash_timer):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-        for task in (self._driver, self._crash_timer):
-            if task is not None and task is not asyncio.current_task():
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        tasks = [task for task in (self._driver, self._crash_timer)
+                 if task is not None and task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        # gather, not a try around each await: a cancel of stop() itself must still propagate.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._driver = self._crash_timer = None
         if self._hang_release is not None:
             self._hang_release.set()
@@ -317,9 +314,12 @@ class SimulatedSGLang:
                 continue
             delay = next_time - self._now()
             if delay > 0:
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that lands just after the
+                # event was set (cpython gh-86296), and the driver would then outlive stop() forever.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
                     pass
 
     def _export_gauges(self) -> None:
@@ -473,8 +473,9 @@ class SimulatedSGLang:
         if self.faults.hang:
             # SGLang's health check waits for the scheduler, then gives up with 503.
             try:
-                await asyncio.wait_for(self._hang_release.wait(), self.config.health_check_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.config.health_check_timeout):  # not wait_for: see _drive
+                    await self._hang_release.wait()
+            except TimeoutError:
                 return web.Response(status=503)
         if not self.ready:
             return web.Response(status=503)

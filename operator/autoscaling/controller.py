@@ -169,7 +169,8 @@ class Autoscaler:
         """Wait until no fit is running (tests, and a clean shutdown)."""
         futures = [e.fit_future for e in self._entries.values() if e.fit_future is not None]
         if futures:
-            await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for, which can swallow a cancel on Python 3.11
+                await asyncio.gather(*futures, return_exceptions=True)
 
     # -- reading metrics --------------------------------------------------------------------------
     async def _read(self, source: MetricsSource, selector: str, window: float, step: float, now: float,

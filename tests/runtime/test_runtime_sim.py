@@ -285,6 +285,31 @@ async def test_crash_fault_stops_listening():
         await server.stop()
 
 
+async def test_stop_ends_the_engine_even_just_after_it_was_woken():
+    # A pod deleted under load: the engine driver is woken (a new request, a fault change) in the
+    # same loop turns as stop() cancels it. On Python 3.11 asyncio.wait_for swallowed that cancel
+    # and stop() waited forever, freezing the emulated cluster's pod simulator (a CI failure).
+    async def generating(server: SimulatedSGLang) -> None:
+        async for _ in server.generate(100, 1000, streaming=False):
+            pass
+
+    for turns in range(4):
+        server = SimulatedSGLang(SimConfig(model_name="m"))
+        await server.start()
+        server.set_faults(latency_factor=1000.0)  # steps of seconds: the driver sleeps between them
+        busy = asyncio.ensure_future(generating(server))
+        await asyncio.sleep(0.1)
+        server.set_faults(latency_factor=1000.0)  # wakes the driver
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(server.stop())
+        stopped, _ = await asyncio.wait({stopping}, timeout=5)  # wait_for would cancel stop() on timeout
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+        assert stopped, f"stop() still waiting on the engine 5 s after a wake {turns} loop turn(s) before it"
+        await stopping
+
+
 async def test_bad_fault_is_rejected():
     async with SimulatedSGLang(SimConfig(model_name="m")) as server:
         status, body = await post_json(server, "/admin/faults", {"error_rate": 2})
