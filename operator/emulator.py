@@ -606,6 +606,7 @@ class PodSimulator:
         self.interval = interval
         self._started_at: dict[str, float] = {}
         self._endpoints: dict[str, str | None] = {}
+        self._terminating: set[asyncio.Task] = set()  # replicas shutting down after their pod was deleted
 
     def _objects(self, plural: str) -> list[dict[str, Any]]:
         return [obj.raw for resource, bucket in list(self.emulator._by_resource.items()) if resource.plural == plural
@@ -704,8 +705,33 @@ class PodSimulator:
         self._started_at.pop(key, None)
         if key in self._endpoints:
             self._endpoints.pop(key)
-            await self.runtime.stop(pod)
+            self._terminate(pod)
         await self._request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
+
+    def _terminate(self, pod: dict[str, Any]) -> None:
+        # As each kubelet does, in the background: one replica draining its requests (or, by a bug,
+        # never stopping) must not hold up the rest of the cluster's pods and Deployment status.
+        task = asyncio.create_task(self.runtime.stop(pod))
+        self._terminating.add(task)
+        task.add_done_callback(self._terminated)
+
+    def _terminated(self, task: asyncio.Task) -> None:
+        self._terminating.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("pod simulator: a replica failed to stop", exc_info=task.exception())
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every replica still running or terminating, at once (the cluster is going away)."""
+        for pod in self._objects("pods"):
+            key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+            if key in self._endpoints:
+                self._endpoints.pop(key)
+                self._terminate(pod)
+        if self._terminating:
+            _, stuck = await asyncio.wait(set(self._terminating), timeout=timeout)
+            for task in stuck:
+                logger.error("pod simulator: a replica did not stop within %.0f s", timeout)
+                task.cancel()
 
     async def _update_pod(self, pod: dict[str, Any], now: float) -> int:
         """Advance one pod's lifecycle; return 1 when it is ready."""
@@ -848,10 +874,8 @@ class EmulatedCluster:
                 logger.debug("emulated API answered an error: %r", error)
             if emulator._errors:
                 emulator._errors[-1].clear()
-            if self.runtime is not None and self.pod_simulator is not None:
-                for pod in self.pod_simulator._objects("pods"):
-                    with contextlib.suppress(Exception):
-                        await self.runtime.stop(pod)
+            if self.pod_simulator is not None:
+                await self.pod_simulator.shutdown()
 
     async def _seed(self, client: aiohttp.ClientSession) -> None:
         async def post(path: str, body: dict[str, Any]) -> None:

@@ -1,14 +1,15 @@
 """The emulated API behaves like an API server where the operator relies on it (a thin kmock subclass)."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 
 import pytest
 
 from operator_support import wait_until
-from digital_worker.operator.emulator import OPERATOR_USER
-from digital_worker.operator.kube import Conflict
+from digital_worker.operator.emulator import OPERATOR_USER, EmulatedCluster
+from digital_worker.operator.kube import Conflict, KubeClient
 
 
 def _deployment(namespace, name="web", replicas=2, owner=None):
@@ -71,6 +72,48 @@ def test_pod_simulator_and_garbage_collection(kube, namespace):
     kube.delete("apps/v1", "deployments", namespace, "web")
     wait_until(lambda: kube.get("v1", "configmaps", namespace, "owned") is None, message="dependent collected")
     wait_until(lambda: kube.list("v1", "pods", namespace, "app=web") == [], message="pods collected")
+
+
+class _ReplicaThatWillNotStop:
+    """A pod runtime whose first replica to be stopped hangs until released (as a stuck container would)."""
+
+    def __init__(self) -> None:
+        self.release: asyncio.Event | None = None
+        self.stopped: list[str] = []
+
+    async def start(self, pod):
+        return f"http://sim/{pod['metadata']['name']}"
+
+    async def ready(self, pod):
+        return True
+
+    async def stop(self, pod):
+        self.stopped.append(pod["metadata"]["name"])
+        if len(self.stopped) == 1:
+            self.release = asyncio.Event()
+            await self.release.wait()
+
+
+def test_a_replica_that_will_not_stop_holds_up_no_other_pod():
+    # A kubelet stops each container on its own: the pod simulator used to await every replica's
+    # stop in its single loop, so one stuck replica froze every Deployment's status (a CI failure).
+    runtime = _ReplicaThatWillNotStop()
+    with EmulatedCluster(runtime=runtime, pod_startup_seconds=0.1, nodes=[]) as cluster:
+        kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig_path))
+        kube.create(_deployment("default", "stuck", replicas=2))
+
+        def ready(count):
+            status = kube.get("apps/v1", "deployments", "default", "stuck").get("status") or {}
+            return status.get("readyReplicas") == count and status.get("replicas") == count
+
+        wait_until(lambda: ready(2), message="2 pods ready")
+        kube.patch("apps/v1", "deployments", "default", "stuck", {"spec": {"replicas": 1}})
+        wait_until(lambda: runtime.release is not None, message="a replica stopping")
+        kube.patch("apps/v1", "deployments", "default", "stuck", {"spec": {"replicas": 3}})
+        wait_until(lambda: ready(3), timeout=10, message="scaled back up while a replica hangs in its stop")
+        assert len(kube.list("v1", "pods", "default", "app=stuck")) == 3
+        cluster.loop.call_soon_threadsafe(runtime.release.set)
+    assert len(runtime.stopped) == 4  # the stuck one, then the three left at shutdown
 
 
 def test_namespaces_are_served(kube, namespace):
