@@ -522,8 +522,8 @@ class PodRuntime(Protocol):
     async def ready(self, pod: dict[str, Any]) -> bool:
         """Whether the readiness probe would pass now."""
 
-    async def stop(self, pod: dict[str, Any]) -> None:
-        """Stop the pod's workload."""
+    async def stop(self, pod: dict[str, Any], grace_seconds: float = 0.0) -> None:
+        """Stop the pod's workload: SIGTERM, then SIGKILL once `grace_seconds` have passed."""
 
 
 class NullRuntime:
@@ -535,7 +535,7 @@ class NullRuntime:
     async def ready(self, pod: dict[str, Any]) -> bool:
         return True
 
-    async def stop(self, pod: dict[str, Any]) -> None:
+    async def stop(self, pod: dict[str, Any], grace_seconds: float = 0.0) -> None:
         return None
 
 
@@ -544,6 +544,11 @@ class SimulatedNode:
     name: str
     gpus: int = 8
     gpu_type: str = "nvidia-h100-80gb"
+
+
+def _grace_seconds(pod: dict[str, Any]) -> float:
+    """The pod's termination grace period (Kubernetes' default: 30 s)."""
+    return float((pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
 
 
 def _gpus(pod_spec: dict[str, Any]) -> int:
@@ -705,13 +710,13 @@ class PodSimulator:
         self._started_at.pop(key, None)
         if key in self._endpoints:
             self._endpoints.pop(key)
-            self._terminate(pod)
+            self._terminate(pod, _grace_seconds(pod))
         await self._request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
 
-    def _terminate(self, pod: dict[str, Any]) -> None:
+    def _terminate(self, pod: dict[str, Any], grace_seconds: float = 0.0) -> None:
         # As each kubelet does, in the background: one replica draining its requests (or, by a bug,
         # never stopping) must not hold up the rest of the cluster's pods and Deployment status.
-        task = asyncio.create_task(self.runtime.stop(pod))
+        task = asyncio.create_task(self.runtime.stop(pod, grace_seconds))
         self._terminating.add(task)
         task.add_done_callback(self._terminated)
 
@@ -721,7 +726,7 @@ class PodSimulator:
             logger.error("pod simulator: a replica failed to stop", exc_info=task.exception())
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every replica still running or terminating, at once (the cluster is going away)."""
+        """Stop every replica still running or terminating, without a grace period (the cluster is going away)."""
         for pod in self._objects("pods"):
             key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
             if key in self._endpoints:

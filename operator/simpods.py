@@ -67,10 +67,10 @@ class SimulatedSglangPods:
         server = self.servers.get(self._key(pod))
         return server is None or server.ready
 
-    async def stop(self, pod: dict[str, Any]) -> None:
+    async def stop(self, pod: dict[str, Any], grace_seconds: float = 0.0) -> None:
         server = self.servers.pop(self._key(pod), None)
         if server is not None:
-            await server.stop()
+            await server.stop(grace_seconds)
 
     def inject(self, revision: str, **faults: Any) -> None:
         """Faults for every replica of `revision`, now and for those started later."""

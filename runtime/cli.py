@@ -192,10 +192,17 @@ async def _run_sim_until_signal(config, serve_forever) -> int:
     import asyncio
     import signal
 
-    task = asyncio.ensure_future(serve_forever(config))
+    terminate = asyncio.Event()
+    task = asyncio.ensure_future(serve_forever(config, terminate))
+
+    def on_signal() -> None:  # the first signal drains, as SGLang does; a second one stops at once
+        if terminate.is_set():
+            task.cancel()
+        terminate.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, on_signal)
     try:
         return await task
     except asyncio.CancelledError:

@@ -182,6 +182,7 @@ class SimulatedSGLang:
         self.metrics = SGLangMetrics(self.config.model_name)
         self.random = random.Random(self.config.seed)
         self.crashed = asyncio.Event()
+        self.draining = False  # SIGTERM seen: health answers 503 while the engine finishes its requests
         self.port: int | None = None
         self._epoch = 0.0  # loop time that the engine's clock 0 maps to
         self._ready_at = 0.0
@@ -239,7 +240,28 @@ class SimulatedSGLang:
             self._crash_timer = asyncio.create_task(self._crash_later(self.config.crash_after_seconds))
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, grace_seconds: float = 0.0) -> None:
+        """Shut down. With a grace period, drain first as SGLang does on SIGTERM (its tokenizer
+        manager's `sigterm_watchdog`): health answers 503, the requests already in the engine run to
+        completion, and the process exits once none is left, or when the grace period (Kubernetes'
+        `terminationGracePeriodSeconds`, then SIGKILL) runs out. A hung server exits at once, as an
+        unhealthy SGLang does."""
+        try:
+            if grace_seconds > 0 and self._runner is not None:
+                await self._drain(grace_seconds)
+        finally:
+            await self._halt()
+
+    async def _drain(self, grace_seconds: float) -> None:
+        self.draining = True
+        try:
+            async with asyncio.timeout(None if math.isinf(grace_seconds) else grace_seconds):
+                while self._waiters and not self.faults.hang and not self.crashed.is_set():
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            pass
+
+    async def _halt(self) -> None:
         tasks = [task for task in (self._driver, self._crash_timer)
                  if task is not None and task is not asyncio.current_task()]
         for task in tasks:
@@ -470,6 +492,8 @@ class SimulatedSGLang:
 
     async def _health(self, request):
         web = self._aiohttp
+        if self.draining:
+            return web.Response(status=503)
         if self.faults.hang:
             # SGLang's health check waits for the scheduler, then gives up with 503.
             try:
@@ -708,13 +732,22 @@ class SimulatedSGLang:
         return response
 
 
-async def serve_forever(config: SimConfig) -> int:
-    """Run one simulated server until cancelled or crashed (exit code 1 after an injected crash)."""
+async def serve_forever(config: SimConfig, terminate: asyncio.Event | None = None) -> int:
+    """Run one simulated server until it crashes (exit code 1 after an injected crash), `terminate`
+    is set (SIGTERM: drain as SGLang does, then exit code 0) or it is cancelled (stop at once)."""
     server = SimulatedSGLang(config)
     await server.start()
     print(f"simulated SGLang {SGLANG_VERSION} serving {config.model_name!r} on {server.url}", flush=True)
+    terminate = terminate or asyncio.Event()
+    waits = [asyncio.ensure_future(server.crashed.wait()), asyncio.ensure_future(terminate.wait())]
     try:
-        await server.crashed.wait()
-        return 1
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if server.crashed.is_set():
+            return 1
+        # SGLang sets no limit of its own on the drain: the kubelet's SIGKILL after the grace period does.
+        await server.stop(grace_seconds=math.inf)
+        return 0
     finally:
+        for wait in waits:
+            wait.cancel()
         await server.stop()

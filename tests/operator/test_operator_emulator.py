@@ -80,6 +80,7 @@ class _ReplicaThatWillNotStop:
     def __init__(self) -> None:
         self.release: asyncio.Event | None = None
         self.stopped: list[str] = []
+        self.grace: list[float] = []
 
     async def start(self, pod):
         return f"http://sim/{pod['metadata']['name']}"
@@ -87,8 +88,9 @@ class _ReplicaThatWillNotStop:
     async def ready(self, pod):
         return True
 
-    async def stop(self, pod):
+    async def stop(self, pod, grace_seconds=0.0):
         self.stopped.append(pod["metadata"]["name"])
+        self.grace.append(grace_seconds)
         if len(self.stopped) == 1:
             self.release = asyncio.Event()
             await self.release.wait()
@@ -114,6 +116,8 @@ def test_a_replica_that_will_not_stop_holds_up_no_other_pod():
         assert len(kube.list("v1", "pods", "default", "app=stuck")) == 3
         cluster.loop.call_soon_threadsafe(runtime.release.set)
     assert len(runtime.stopped) == 4  # the stuck one, then the three left at shutdown
+    # A deleted pod gets its termination grace period (Kubernetes' default here); shutdown none.
+    assert runtime.grace == [30.0, 0.0, 0.0, 0.0]
 
 
 def test_namespaces_are_served(kube, namespace):

@@ -3,6 +3,7 @@ Prometheus."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -310,6 +311,38 @@ async def test_stop_ends_the_engine_even_just_after_it_was_woken():
         await stopping
 
 
+async def test_stop_with_a_grace_period_drains_like_sglang_on_sigterm():
+    server = SimulatedSGLang(SimConfig(model_name="m"))
+    await server.start()
+    server.set_faults(latency_factor=20.0)  # a request of 50 tokens now takes about a second
+    client = client_for(server)
+    running = asyncio.ensure_future(client.completions.create(model="m", prompt="x", max_tokens=50))
+    await asyncio.sleep(0.2)
+    assert not running.done()
+    started = time.monotonic()
+    stopping = asyncio.ensure_future(server.stop(grace_seconds=60))
+    await asyncio.sleep(0.1)
+    assert (await get(server, "/health"))[0] == 503  # out of the Service's endpoints
+    result = await running  # the request in the engine runs to completion
+    assert result.usage.completion_tokens == 50
+    await asyncio.wait_for(stopping, 10)
+    assert time.monotonic() - started < 10  # exits once drained, not at the end of the grace period
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(server, "/health")
+
+
+async def test_a_hung_server_does_not_drain():
+    server = SimulatedSGLang(SimConfig(model_name="m"))
+    await server.start()
+    await post_json(server, "/admin/faults", {"hang": True})
+    hung = asyncio.ensure_future(client_for(server).completions.create(model="m", prompt="x", max_tokens=1))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await asyncio.wait_for(server.stop(grace_seconds=60), 10)  # SGLang exits at once when unhealthy
+    assert time.monotonic() - started < 5
+    assert isinstance((await asyncio.gather(hung, return_exceptions=True))[0], openai.APIError)
+
+
 async def test_bad_fault_is_rejected():
     async with SimulatedSGLang(SimConfig(model_name="m")) as server:
         status, body = await post_json(server, "/admin/faults", {"error_rate": 2})
@@ -403,7 +436,7 @@ def test_cli_sim_serves_and_stops_on_sigterm(tmp_path):
     env = {**os.environ, "SIM_KEY": "sk-cli"}
     process = subprocess.Popen(
         [shutil.which("digital-worker"), "runtime", "sim", "--port", str(port), "--model-name", "cli-model",
-         "--revision", "r2", "--api-key-env", "SIM_KEY", "--gpu-type", "h100"],
+         "--revision", "r2", "--api-key-env", "SIM_KEY", "--gpu-type", "h100", "--latency-factor", "20"],
         env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
@@ -417,7 +450,13 @@ def test_cli_sim_serves_and_stops_on_sigterm(tmp_path):
             info = json.load(response)
         assert info["revision"] == "r2" and info["served_model_name"] == "cli-model"
         assert "sk-cli" not in json.dumps(info)
-        process.send_signal(signal.SIGTERM)
+        # SIGTERM drains as SGLang's does: a request already running completes, then the process exits 0.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(client.completions.create, model="cli-model", prompt="x", max_tokens=40)
+            time.sleep(0.5)
+            assert not running.done()
+            process.send_signal(signal.SIGTERM)
+            assert running.result(timeout=30).usage.completion_tokens == 40
         assert process.wait(timeout=15) == 0
     finally:
         if process.poll() is None:
