@@ -62,7 +62,10 @@ def test_autoscaler_sizes_the_total_and_the_paused_canary_splits_it(canary_clust
     generator.start()
     try:
         # The autoscaler raises the total (spec.replicas) while the canary stays paused at 50%.
-        scaled = wait_until(lambda: (b := body(kube))["spec"]["replicas"] >= 4 and b, timeout=90, interval=1,
+        # A tick writes status.autoscaling just after it scales: wait for both.
+        scaled = wait_until(lambda: (b := body(kube))["spec"]["replicas"] >= 4
+                            and ((b.get("status") or {}).get("autoscaling") or {}).get("desiredReplicas", 0) >= 4 and b,
+                            timeout=90, interval=1,
                             message=lambda: (body(kube).get("status") or {}).get("autoscaling"))
     finally:
         stop.set()

@@ -32,7 +32,9 @@ def run_case(scaling_cluster, name: str, mode: str):
 def test_auto_scales_out_under_load(scaling_cluster):
     kube, stop, generator = run_case(scaling_cluster, "auto-bot", "Auto")
     try:
-        final = wait_until(lambda: (b := kube.get(api.API_VERSION, api.PLURAL, "ai", "auto-bot"))["spec"]["replicas"] >= 3 and b,
+        # The tick scales, posts its Event, then writes status.autoscaling (as the HPA does): wait for both.
+        final = wait_until(lambda: (b := kube.get(api.API_VERSION, api.PLURAL, "ai", "auto-bot"))["spec"]["replicas"] >= 3
+                           and ((b.get("status") or {}).get("autoscaling") or {}).get("desiredReplicas", 0) >= 3 and b,
                            timeout=90, interval=1, message=lambda: kube.get(api.API_VERSION, api.PLURAL, "ai", "auto-bot").get("status"))
     finally:
         stop.set()
