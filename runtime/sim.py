@@ -722,10 +722,7 @@ class SimulatedSGLang:
                 await send({}, usage)
         except _SchedulerAbort as abort:
             await response.write(abort.sse_event())
-        except (ConnectionResetError, asyncio.CancelledError):
-            await events.aclose()
-            raise
-        finally:
+        finally:  # also when the client left (ConnectionResetError, CancelledError): frees its slot
             await events.aclose()
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
