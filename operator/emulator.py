@@ -708,12 +708,15 @@ class PodSimulator:
         meta = pod["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
         self._started_at.pop(key, None)
-        if key in self._endpoints:
-            self._endpoints.pop(key)
-            self._terminate(pod, _grace_seconds(pod))
+        self._terminate(pod, _grace_seconds(pod))
         await self._request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
 
     def _terminate(self, pod: dict[str, Any], grace_seconds: float = 0.0) -> None:
+        """Stop the pod's replica if this simulator started one."""
+        key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+        if key not in self._endpoints:
+            return
+        del self._endpoints[key]
         # As each kubelet does, in the background: one replica draining its requests (or, by a bug,
         # never stopping) must not hold up the rest of the cluster's pods and Deployment status.
         task = asyncio.create_task(self.runtime.stop(pod, grace_seconds))
@@ -728,10 +731,7 @@ class PodSimulator:
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every replica still running or terminating, without a grace period (the cluster is going away)."""
         for pod in self._objects("pods"):
-            key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
-            if key in self._endpoints:
-                self._endpoints.pop(key)
-                self._terminate(pod)
+            self._terminate(pod)
         if self._terminating:
             _, stuck = await asyncio.wait(set(self._terminating), timeout=timeout)
             for task in stuck:
